@@ -1,0 +1,52 @@
+# hpdl: `make run` trains the default model, `make test` runs the whole suite.
+# Both create the virtual environment first; nothing else needs installing by hand.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MPIRUN := $(VENV)/bin/mpirun
+DATA ?= data/mnist.h5
+# Each MPI test run is bounded so a deadlock fails the suite instead of hanging it.
+MPI_TIMEOUT ?= 900
+# One BLAS thread per rank: the MPI tests run several ranks on two cores.
+MPI_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+
+.PHONY: run test test-unit test-mpi data bench clean help
+
+help:
+	@echo "make run    set up .venv, prepare MNIST, train the default model (mlp)"
+	@echo "make test   set up .venv and run the whole test suite (unit + MPI)"
+	@echo "make bench  install the benchmark extras (matplotlib, PyTorch CPU) and run the benchmarks"
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+data: $(DATA)
+
+$(DATA): | $(VENV)/.installed
+	$(PY) -m hpdl.data prepare mnist --out $@
+
+run: $(VENV)/.installed $(DATA)
+	$(PY) -m hpdl.train --data $(DATA)
+
+test: test-unit test-mpi
+
+test-unit: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-mpi: $(VENV)/.installed
+	$(MPI_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIRUN) -n 2 $(PY) -m pytest --with-mpi -q -p no:cacheprovider tests/mpi
+	$(MPI_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIRUN) -n 4 $(PY) -m pytest --with-mpi -q -p no:cacheprovider tests/mpi
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q torch==2.13.0
+	touch $@
+
+bench: $(VENV)/.bench $(DATA)
+	$(PY) -m benchmarks.single_process
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,86 @@
+"""What every benchmark shares: machine facts, alternating timed runs, and report writing."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPORTS = Path(__file__).resolve().parent / "reports"
+
+
+def machine() -> dict:
+    """The facts a reader needs to compare a figure with their own machine."""
+    import numpy as np
+    facts = {"python": platform.python_version(), "numpy": np.__version__,
+             "cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
+    try:
+        import torch
+        facts["torch"] = torch.__version__
+    except ImportError:
+        pass
+    try:
+        facts["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                         text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return facts
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def alternate(runs: dict[str, Callable[[], float]], repeats: int = 3) -> dict[str, list[float]]:
+    """Call each run in turn (A B A B ...) so drifting machine load hits all of them alike."""
+    results: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            results[name].append(run())
+    return results
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def timed(fn: Callable[[], None], n: int) -> float:
+    """Calls per second of fn over n calls."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return n / (time.perf_counter() - t0)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(c) -> str:
+    return f"{c:.3g}" if isinstance(c, float) else str(c)
+
+
+def write_report(name: str, title: str, body: str, data: dict) -> Path:
+    """benchmarks/reports/NAME.md (with the machine and command) and NAME.json (raw numbers)."""
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    facts = machine()
+    command = "python -m benchmarks." + name + " " + " ".join(sys.argv[1:])
+    header = f"# {title}\n\nCommand: `{command.strip()}`  \nMachine: " + ", ".join(
+        f"{k} {v}" for k, v in facts.items()) + f"  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
+    path = REPORTS / f"{name}.md"
+    path.write_text(header + body.rstrip() + "\n")
+    (REPORTS / f"{name}.json").write_text(json.dumps({"machine": facts, "command": command, **data}, indent=1))
+    return path

@@ -1,0 +1,42 @@
+"""Element-wise activations: ReLU and GELU (tanh approximation)."""
+from __future__ import annotations
+
+import math
+
+from ..backend import array_module
+from .base import TRAIN, Layer, Mode
+
+_C = math.sqrt(2.0 / math.pi)   # GELU's tanh approximation: tanh(_C (x + _A x^3))
+_A = 0.044715
+
+
+class ReLU(Layer):
+    def forward(self, params, x, mode: Mode = TRAIN):
+        # x: (B, ...) -> y: same shape; the mask is all backward needs
+        mask = x > 0
+        return x * mask, mask
+
+    def backward(self, params, cache, dy):
+        return dy * cache, {}
+
+    def flops(self, in_shape):
+        return math.prod(in_shape)
+
+
+class GELU(Layer):
+    """x * Phi(x) with Phi approximated as (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2."""
+
+    def forward(self, params, x, mode: Mode = TRAIN):
+        # x: (B, ...) -> y: same shape
+        xp = array_module(x)
+        t = xp.tanh(_C * (x + _A * x * x * x))
+        return 0.5 * x * (1.0 + t), (x, t)
+
+    def backward(self, params, cache, dy):
+        x, t = cache
+        # d/dx [x (1 + t) / 2] with dt/dx = (1 - t^2) _C (1 + 3 _A x^2)
+        dt = (1.0 - t * t) * (_C * (1.0 + 3.0 * _A * x * x))
+        return dy * (0.5 * (1.0 + t) + 0.5 * x * dt), {}
+
+    def flops(self, in_shape):
+        return 10 * math.prod(in_shape)   # a handful of multiplies and one tanh per element

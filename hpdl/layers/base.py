@@ -1,0 +1,66 @@
+"""The layer contract: a stateless description with a pure forward/backward pair."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+Params = dict[str, Any]   # name -> xp array; trainable ones are listed in Layer.trainable
+Cache = Any               # whatever backward needs, written by forward
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How a forward pass runs: training or evaluation, and the dropout key.
+
+    `key` is a tuple of ints (seed, step, micro-batch, ...) from which a layer draws its
+    randomness; a pipeline stage and a single process that pass the same key draw the
+    same dropout masks.
+    """
+
+    train: bool = True
+    key: tuple[int, ...] = (0,)
+
+
+TRAIN = Mode(train=True)
+EVAL = Mode(train=False)
+
+
+class Layer:
+    """One layer: hyper-parameters only, never arrays.
+
+    forward(params, x, mode) -> (y, cache)
+    backward(params, cache, dy) -> (dx, grads)   grads has one entry per trainable name
+    init(rng, xp, dtype) -> params               all arrays, trainable and buffers
+    out_shape(in_shape) -> shape                 per-sample shapes, no batch axis
+    flops(in_shape) -> int                       forward multiply-adds x 2, per sample
+
+    Buffers (BatchNorm running statistics) live in params but not in `trainable`;
+    forward in training mode is the one place that updates them, and backward never
+    reads them.
+    """
+
+    trainable: tuple[str, ...] = ()
+    # True where an optimizer's weight decay and LARS/LAMB trust ratios should skip the
+    # tensor (biases, normalization scales and shifts).
+    no_decay: tuple[str, ...] = ()
+
+    def init(self, rng: np.random.Generator, xp, dtype) -> Params:
+        return {}
+
+    def forward(self, params: Params, x, mode: Mode = TRAIN):
+        raise NotImplementedError
+
+    def backward(self, params: Params, cache: Cache, dy):
+        raise NotImplementedError
+
+    def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return in_shape
+
+    def flops(self, in_shape: tuple[int, ...]) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"

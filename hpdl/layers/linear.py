@@ -1,0 +1,36 @@
+"""Fully connected layer: y = x W + b."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import TRAIN, Layer, Mode
+
+
+class Linear(Layer):
+    trainable = ("W", "b")
+    no_decay = ("b",)
+
+    def __init__(self, n_in: int, n_out: int):
+        self.n_in, self.n_out = n_in, n_out
+
+    def init(self, rng, xp, dtype):
+        # He initialization: keeps activation variance constant through ReLU layers.
+        W = rng.standard_normal((self.n_in, self.n_out)) * np.sqrt(2.0 / self.n_in)
+        return {"W": xp.asarray(W, dtype=dtype), "b": xp.zeros(self.n_out, dtype=dtype)}
+
+    def forward(self, params, x, mode: Mode = TRAIN):
+        # x: (B, n_in)  W: (n_in, n_out)  b: (n_out,)  ->  y: (B, n_out)
+        y = x @ params["W"]
+        y += params["b"]
+        return y, x
+
+    def backward(self, params, cache, dy):
+        # dy: (B, n_out) -> dx: (B, n_in), dW: (n_in, n_out), db: (n_out,)
+        x = cache
+        return dy @ params["W"].T, {"W": x.T @ dy, "b": dy.sum(axis=0)}
+
+    def out_shape(self, in_shape):
+        return (self.n_out,)
+
+    def flops(self, in_shape):
+        return 2 * self.n_in * self.n_out

@@ -1,0 +1,121 @@
+"""Named architectures as flat layer sequences, and forward/backward over any slice of them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .layers import (BatchNorm, Conv2d, Flatten, GlobalAvgPool, Layer, Linear, MaxPool2d,
+                     Mode, ReLU, Residual, Dropout, TRAIN)
+from .layers.base import Params
+
+IMAGE_SHAPE = (1, 28, 28)
+N_CLASSES = 10
+
+
+@dataclass
+class Model:
+    """A flat layer list; a pipeline stage is any contiguous slice of it."""
+
+    name: str
+    layers: list[Layer]
+    in_shape: tuple[int, ...] = IMAGE_SHAPE
+
+    def init(self, seed: int, xp=np, dtype=np.float32, start: int = 0, stop: int | None = None) -> list[Params]:
+        """Parameters of layers[start:stop] (a pipeline stage initializes only its own)."""
+        # Layer i draws from (seed, i) alone, so cutting the model never changes its weights.
+        stop = len(self.layers) if stop is None else stop
+        return [self.layers[i].init(np.random.default_rng((seed, i)), xp, dtype) for i in range(start, stop)]
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Per-sample input shape of every layer, then the output shape."""
+        shapes = [self.in_shape]
+        for layer in self.layers:
+            shapes.append(layer.out_shape(shapes[-1]))
+        return shapes
+
+    def flops(self) -> list[int]:
+        """Forward FLOPs per sample of every layer."""
+        return [layer.flops(s) for layer, s in zip(self.layers, self.shapes())]
+
+    def n_params(self, params: Sequence[Params]) -> int:
+        return sum(int(p[name].size) for layer, p in zip(self.layers, params)
+                   for name in layer.trainable)
+
+
+def forward(layers: Sequence[Layer], params: Sequence[Params], x, mode: Mode = TRAIN, first: int = 0):
+    """Run layers in order: x -> (y, caches), one cache per layer.
+
+    `first` is the model index of layers[0]: a layer's random key holds its index in the
+    whole model, so a pipeline stage draws the same dropout masks as one process.
+    """
+    caches = []
+    for i, (layer, p) in enumerate(zip(layers, params), start=first):
+        x, cache = layer.forward(p, x, Mode(mode.train, mode.key + (i,)))
+        caches.append(cache)
+    return x, caches
+
+
+def backward(layers: Sequence[Layer], params: Sequence[Params], caches: list, dy):
+    """Run layers in reverse: dy -> (dx, grads), one gradient dict per layer."""
+    grads: list[dict] = [{}] * len(layers)
+    for i in reversed(range(len(layers))):
+        dy, grads[i] = layers[i].backward(params[i], caches[i], dy)
+    return dy, grads
+
+
+def mlp(hidden: Sequence[int] = (1024, 1024), dropout: float = 0.0) -> list[Layer]:
+    layers: list[Layer] = [Flatten()]
+    n_in = int(np.prod(IMAGE_SHAPE))
+    for n in hidden:
+        layers += [Linear(n_in, n), ReLU()]
+        if dropout:
+            layers.append(Dropout(dropout))
+        n_in = n
+    return layers + [Linear(n_in, N_CLASSES)]
+
+
+def cnn(channels: Sequence[int] = (32, 64), hidden: int = 128, dropout: float = 0.0) -> list[Layer]:
+    layers: list[Layer] = []
+    c_in, size = IMAGE_SHAPE[0], IMAGE_SHAPE[1]
+    for c in channels:
+        layers += [Conv2d(c_in, c, 3, pad=1), ReLU(), MaxPool2d(2)]
+        c_in, size = c, size // 2
+    layers += [Flatten(), Linear(c_in * size * size, hidden), ReLU()]
+    if dropout:
+        layers.append(Dropout(dropout))
+    return layers + [Linear(hidden, N_CLASSES)]
+
+
+def _basic_block(c_in: int, c_out: int, stride: int) -> Residual:
+    branch = [Conv2d(c_in, c_out, 3, stride=stride, pad=1), BatchNorm(c_out), ReLU(),
+              Conv2d(c_out, c_out, 3, pad=1), BatchNorm(c_out)]
+    shortcut = None
+    if stride != 1 or c_in != c_out:
+        shortcut = [Conv2d(c_in, c_out, 1, stride=stride), BatchNorm(c_out)]
+    return Residual(branch, shortcut)
+
+
+def resnet(channels: Sequence[int] = (16, 32, 64), blocks: int = 1) -> list[Layer]:
+    layers: list[Layer] = [Conv2d(IMAGE_SHAPE[0], channels[0], 3, pad=1), BatchNorm(channels[0]), ReLU()]
+    c_in = channels[0]
+    for stage, c in enumerate(channels):
+        for b in range(blocks):
+            layers.append(_basic_block(c_in, c, 2 if stage > 0 and b == 0 else 1))
+            c_in = c
+    return layers + [GlobalAvgPool(), Linear(c_in, N_CLASSES)]
+
+
+BUILDERS: dict[str, Callable[..., list[Layer]]] = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
+
+
+def build_model(name: str, **options) -> Model:
+    """The named architecture; `options` are its builder's keyword arguments."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(BUILDERS)}")
+    try:
+        layers = BUILDERS[name](**options)
+    except TypeError as e:
+        raise ValueError(f"bad options for model {name!r}: {e}") from None
+    return Model(name, layers)

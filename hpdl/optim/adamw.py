@@ -1,0 +1,53 @@
+"""AdamW: Adam with decoupled weight decay and bias correction, as torch.optim.AdamW."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from ..backend import array_module
+from ..layers.base import Layer
+from .base import Optimizer
+
+
+class AdamW(Optimizer):
+    """torch.optim.AdamW (no amsgrad), per tensor at step t:
+
+        w *= 1 - lr wd;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+        w -= lr / (1-b1^t) * m / (sqrt(v) / sqrt(1-b2^t) + eps)
+    """
+
+    slots = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, layers: Sequence[Layer], betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01,
+                 lr_scale: Sequence[float] | None = None,
+                 wd_scale: Sequence[float] | None = None):
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if eps <= 0.0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        super().__init__(layers, weight_decay, lr_scale, wd_scale)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
+
+    def _update(self, key: str, w, g, lr: float, wd: float) -> None:
+        xp = array_module(w)
+        b1, b2 = self.betas
+        m = self._zeros(f"{key}/exp_avg", w)
+        v = self._zeros(f"{key}/exp_avg_sq", w)
+        if wd:
+            w *= 1.0 - lr * wd  # decoupled: decay the weights, not the gradient
+        # `s` is the one scratch array of this update; every other operation is in place.
+        s = g * (1.0 - b1)
+        m *= b1
+        m += s
+        xp.multiply(g, g, out=s)
+        s *= 1.0 - b2
+        v *= b2
+        v += s
+        xp.sqrt(v, out=s)
+        s /= math.sqrt(1.0 - b2 ** self.steps)
+        s += self.eps
+        xp.divide(m, s, out=s)
+        s *= lr / (1.0 - b1 ** self.steps)
+        w -= s

@@ -1,0 +1,132 @@
+"""Optimizer base: one parameter group per layer, lazily created state, flat state names."""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..backend import array_module, to_host
+from ..layers.base import Layer, Params
+
+Rate = float | Sequence[float]  # one learning rate for every layer, or one per layer
+
+
+class Optimizer:
+    """Applies an update rule in place to every trainable tensor of a list of layers.
+
+    Each layer is one parameter group: its learning rate is lr[i] * lr_scale[i] and its
+    weight decay weight_decay * wd_scale[i], except that the layer's `no_decay` names get
+    no decay at all. Subclasses name their per-tensor buffers in `slots` and implement
+    `_update`; state lives under flat keys "layer/name/slot", plus the counter "step".
+    """
+
+    slots: tuple[str, ...] = ()
+
+    def __init__(self, layers: Sequence[Layer], weight_decay: float = 0.0,
+                 lr_scale: Sequence[float] | None = None,
+                 wd_scale: Sequence[float] | None = None):
+        self.layers = list(layers)
+        self.weight_decay = float(weight_decay)
+        self.lr_scale = _per_layer(lr_scale, len(self.layers), "lr_scale")
+        self.wd_scale = _per_layer(wd_scale, len(self.layers), "wd_scale")
+        # (layer index, name, state key prefix, weight decay) per trainable tensor, fixed
+        # once here so that a step only looks things up.
+        self._tensors = [
+            (i, name, f"{i}/{name}",
+             0.0 if name in layer.no_decay else self.weight_decay * self.wd_scale[i])
+            for i, layer in enumerate(self.layers) for name in layer.trainable
+        ]
+        self.steps = 0
+        self.state: dict[str, Any] = {}            # key -> xp array on the params' device
+        self._restored: dict[str, np.ndarray] = {}  # host arrays awaiting their first step
+
+    def step(self, params: list[Params], grads: list[dict[str, Any]], lr: Rate) -> None:
+        """Update `params` in place from `grads`, which are only read."""
+        n = len(self.layers)
+        if len(params) != n or len(grads) != n:
+            raise ValueError(f"optimizer built for {n} layers got {len(params)} parameter "
+                             f"and {len(grads)} gradient dicts")
+        rates = self._rates(lr)
+        self.steps += 1
+        for i, name, key, wd in self._tensors:
+            self._update(key, params[i][name], grads[i][name], rates[i], wd)
+
+    def _update(self, key: str, w, g, lr: float, wd: float) -> None:
+        """Apply the rule to one tensor `w` (state keys start with `key`)."""
+        raise NotImplementedError
+
+    def _buffer(self, key: str, w):
+        """State buffer `key` on w's device, or None before its first step."""
+        buf = self.state.get(key)
+        if buf is None and key in self._restored:
+            buf = self.state[key] = _like(self._restored.pop(key), w, key)
+        return buf
+
+    def _zeros(self, key: str, w):
+        """State buffer `key`, created as zeros shaped like `w` on its first step."""
+        buf = self._buffer(key, w)
+        if buf is None:
+            buf = self.state[key] = array_module(w).zeros_like(w)
+        return buf
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """A host snapshot of the state: later steps do not change it."""
+        out = {key: host.copy() for key, host in self._restored.items()}
+        out.update({key: _host_copy(buf) for key, buf in self.state.items()})
+        out["step"] = np.array(self.steps, dtype=np.int64)
+        return out
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore a `state_dict`; buffers move to the params' device on the next step."""
+        if "step" not in state:
+            raise ValueError("optimizer state has no 'step' counter")
+        steps = int(state["step"])
+        expected = {f"{key}/{slot}" for _, _, key, _ in self._tensors for slot in self.slots}
+        found = set(state) - {"step"}
+        # Every buffer exists after the first step and none before it.
+        if found != (expected if steps > 0 else set()):
+            unknown, missing = sorted(found - expected), sorted(expected - found)
+            raise ValueError(f"optimizer state does not fit this {type(self).__name__} "
+                             f"at step {steps}: unknown {unknown[:4]}, missing {missing[:4]}")
+        self.steps = steps
+        self.state = {}
+        # Copies: the caller's arrays must not become our buffers.
+        self._restored = {key: np.array(state[key]) for key in found}
+
+    def _rates(self, lr: Rate) -> list[float]:
+        # Python floats keep float32 arithmetic float32 (NumPy scalars would promote it).
+        if isinstance(lr, numbers.Real):
+            return [float(lr) * s for s in self.lr_scale]
+        rates = [float(r) for r in lr]
+        if len(rates) != len(self.layers):
+            raise ValueError(f"{len(rates)} learning rates for {len(self.layers)} layers")
+        return [r * s for r, s in zip(rates, self.lr_scale)]
+
+    def __repr__(self) -> str:
+        hyper = {k: v for k, v in vars(self).items()
+                 if not k.startswith("_") and k not in ("layers", "state", "steps")}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in hyper.items())})"
+
+
+def _per_layer(values: Sequence[float] | None, n: int, what: str) -> list[float]:
+    if values is None:
+        return [1.0] * n
+    values = [float(v) for v in values]
+    if len(values) != n:
+        raise ValueError(f"{what} has {len(values)} entries for {n} layers")
+    return values
+
+
+def _like(host: np.ndarray, w, key: str):
+    """`host` on w's device, after checking it fits w."""
+    if host.shape != w.shape or host.dtype != w.dtype:
+        raise ValueError(f"optimizer state {key}: {host.shape} {host.dtype} does not fit "
+                         f"the parameter's {w.shape} {w.dtype}")
+    return array_module(w).asarray(host)
+
+
+def _host_copy(a) -> np.ndarray:
+    # to_host copies device arrays already; a NumPy array it would merely return.
+    return a.copy() if isinstance(a, np.ndarray) else to_host(a)

@@ -1,0 +1,94 @@
+"""The command line: `python -m hpdl.train [--config FILE] [flags]`, ending in a RESULT line."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+from threadpoolctl import threadpool_limits
+
+from .backend import Backend, BackendError
+from .checkpoint import CheckpointError
+from .config import ConfigError, make_config
+from .data import DataError
+from .metrics import print_result
+from .trainer import train_local
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, BackendError)
+
+
+def default_threads(local_ranks: int = 1) -> int:
+    """Cores shared evenly by the ranks on this node."""
+    return max(1, (os.cpu_count() or 1) // local_ranks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    t0 = time.perf_counter()
+    try:
+        cfg = make_config(argv)
+        backend = Backend(cfg.device, cfg.dtype)
+    except USER_ERRORS as e:
+        return user_error(e)
+    if world_size() == 1:
+        try:
+            with threadpool_limits(cfg.threads or default_threads()):
+                result = train_local(cfg, backend)
+        except USER_ERRORS as e:
+            return user_error(e)
+        except KeyboardInterrupt:
+            print("hpdl.train: interrupted", file=sys.stderr)
+            return 130
+    else:
+        result = run_mpi(cfg, backend)
+        if isinstance(result, int):
+            return result
+    if result is not None:
+        result["wall_s"] = time.perf_counter() - t0
+        print_result(result)
+    return 0
+
+
+def world_size() -> int:
+    """Ranks launched by mpirun, read from the environment so a plain run never starts MPI."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def run_mpi(cfg, backend) -> dict | None | int:
+    """Train over MPI; any error on any rank ends the whole job, naming the rank."""
+    from mpi4py import MPI
+
+    from .distributed import plan_run, train_distributed
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    try:  # no communication yet: every rank reaches the same verdict, rank 0 says it once
+        plan = plan_run(cfg, comm.Get_size())
+    except USER_ERRORS as e:
+        return user_error(e) if rank == 0 else 2
+    try:
+        with threadpool_limits(cfg.threads or default_threads(local_ranks(comm))):
+            return train_distributed(cfg, backend, plan, comm)
+    except USER_ERRORS as e:
+        print(f"hpdl.train: rank {rank}: error: {e}", file=sys.stderr, flush=True)
+        comm.Abort(2)
+    except BaseException:
+        print(f"hpdl.train: rank {rank}: {traceback.format_exc()}", file=sys.stderr, flush=True)
+        comm.Abort(1)
+    return 1
+
+
+def local_ranks(comm) -> int:
+    """Ranks sharing this node, which share its cores."""
+    from mpi4py import MPI
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    n = node.Get_size()
+    node.Free()
+    return n
+
+
+def user_error(e: Exception) -> int:
+    print(f"hpdl.train: error: {e}", file=sys.stderr, flush=True)
+    return 2

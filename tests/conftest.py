@@ -1,0 +1,33 @@
+"""Shared fixtures: the prepared MNIST file, and skipping GPU tests on machines without one."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from hpdl.backend import gpu_available
+
+ROOT = Path(__file__).resolve().parent.parent
+# CI and developers have the IDX files beside the checkout; a fresh machine downloads them.
+SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and cupy")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def mnist_h5(tmp_path_factory) -> Path:
+    """data/mnist.h5 if already prepared, else prepared once for the session."""
+    existing = ROOT / "data" / "mnist.h5"
+    if existing.exists():
+        return existing
+    from hpdl.data import prepare_mnist
+    out = tmp_path_factory.mktemp("data") / "mnist.h5"
+    return prepare_mnist(out, from_dir=SHARED_MNIST if SHARED_MNIST.is_dir() else None)
