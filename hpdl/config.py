@@ -39,7 +39,7 @@ class Config:
     warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(False, "Nesterov momentum")
-    weight_decay: float = opt(0.0, "L2 weight decay (decoupled for adamw)")
+    weight_decay: float = opt(5e-4, "L2 weight decay (decoupled for adamw)")
     seed: int = opt(0, "seed of initialization, shuffling and dropout")
     # execution
     device: str = opt("cpu", "array backend", ("cpu", "gpu", "auto"))

@@ -76,7 +76,7 @@ def mlp(hidden: Sequence[int] = (1024, 1024), dropout: float = 0.0) -> list[Laye
     return layers + [Linear(n_in, N_CLASSES)]
 
 
-def cnn(channels: Sequence[int] = (32, 64), hidden: int = 128, dropout: float = 0.0) -> list[Layer]:
+def cnn(channels: Sequence[int] = (32, 64), hidden: int = 128, dropout: float = 0.5) -> list[Layer]:
     layers: list[Layer] = []
     c_in, size = IMAGE_SHAPE[0], IMAGE_SHAPE[1]
     for c in channels:

@@ -92,3 +92,7 @@ def local_ranks(comm) -> int:
 def user_error(e: Exception) -> int:
     print(f"hpdl.train: error: {e}", file=sys.stderr, flush=True)
     return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

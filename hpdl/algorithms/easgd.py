@@ -1,0 +1,117 @@
+"""EASGD and EAMSGD (ALGORITHMS.md §5): local replicas tied to a centre variable by an elastic force."""
+from __future__ import annotations
+
+from .base import ServerRule, WorkerRule, every
+
+# The authors' recommendations (§5): β = N α = 0.9; τ = 100 in their launcher; EAMSGD δ = 0.99.
+BETA = 0.9
+TAU = 100
+DELTA = 0.99
+
+
+def default_alpha(n_workers: int) -> float:
+    """The moving rate α = β / N with β = 0.9 (§5)."""
+    return BETA / n_workers
+
+
+class EasgdServer(ServerRule):
+    """The centre x̃ of asynchronous EASGD (§5). For the x_i that worker i sends every τ steps:
+
+        e = α (x_i - x̃);  x̃ <- x̃ + e;  reply e  (the worker then does x_i <- x_i - e).
+
+    Computing e here, on arrival, makes the exchange atomic: x̃ + Σ_i x_i is unchanged by it.
+    The reply lives in a scratch buffer, valid until the next `apply`.
+    """
+
+    def __init__(self, w0, n_workers: int, alpha: float | None = None):
+        super().__init__(w0, n_workers)
+        alpha = default_alpha(n_workers) if alpha is None else alpha
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.alpha = float(alpha)
+        self._e = self.xp.empty_like(self.w)
+
+    def _apply(self, worker: int, x, lr: float):
+        e = self._e
+        self.xp.subtract(x, self.w, out=e)
+        e *= self.alpha
+        self.w += e
+        return e
+
+
+class EasgdWorker(WorkerRule):
+    """An asynchronous EASGD worker (§5): SGD steps x_i <- x_i - η g; every τ steps it sends
+    x_i and applies the elastic reply, x_i <- x_i - e."""
+
+    def __init__(self, w, tau: int = TAU):
+        super().__init__(w)
+        self.tau = every(tau, "tau")
+
+    def local_step(self, w, g, lr: float) -> None:
+        w -= float(lr) * g
+
+    def should_push(self, step: int) -> bool:
+        return (step + 1) % self.tau == 0
+
+    def payload(self, w):
+        return w  # unchanged until the reply arrives: the worker waits for it
+
+    def on_reply(self, w, e) -> None:
+        w -= e
+
+
+class EamsgdWorker(EasgdWorker):
+    """An EAMSGD worker (§5): EASGD with the local Nesterov step, exactly as the authors write it:
+
+        v <- δ v;  x <- x + v;  g = ∇f(x);  x <- x - η g;  v <- v - η g
+
+    (`lookahead` does the first two, `local_step` the last two). δ = 0 gives EASGD.
+    """
+
+    _state_names = ("v",)
+
+    def __init__(self, w, tau: int = TAU, delta: float = DELTA):
+        super().__init__(w, tau)
+        if not 0.0 <= delta < 1.0:
+            raise ValueError(f"delta must be in [0, 1), got {delta}")
+        self.delta = float(delta)
+        self.v = self.xp.zeros_like(w)
+
+    def lookahead(self, w) -> None:
+        self.v *= self.delta
+        w += self.v
+
+    def local_step(self, w, g, lr: float) -> None:
+        step = g * float(lr)
+        w -= step
+        self.v -= step
+
+
+def easgd_sync_worker(x, center, g, lr: float, rho: float) -> None:
+    """Synchronous EASGD (§5), one replica's half, in place:
+
+        x_i <- x_i - η (g_i + ρ (x_i - x̃))
+
+    `center` is x̃ before this step (every replica holds the same copy).
+    """
+    d = x - center
+    d *= float(rho)
+    d += g
+    d *= float(lr)
+    x -= d
+
+
+def easgd_sync_center(center, x_sum, n_workers: int, lr: float, rho: float) -> None:
+    """Synchronous EASGD (§5), the centre's half, in place:
+
+        x̃ <- x̃ + η ρ Σ_i (x_i - x̃),  with Σ_i (x_i - x̃) = x_sum - N x̃,
+
+    where `x_sum` is the allreduced sum of the replicas' x_i taken BEFORE this step's
+    `easgd_sync_worker`, and `center` is still x̃ of before the step. Every replica calls
+    it with the same allreduced sum, so their copies of x̃ stay identical. The coupling
+    β = N η ρ = 0.9 of §5 means ρ = 0.9 / (N η).
+    """
+    d = center * -float(n_workers)
+    d += x_sum
+    d *= float(lr) * float(rho)
+    center += d

@@ -1,0 +1,244 @@
+"""Multi-rank training: layout, partition, and the epoch loop over pipeline stages x replicas."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+from mpi4py import MPI
+
+from .backend import Backend
+from .comm.p2p import PipeChannel
+from .comm.topology import Layout, Topology, choose_layout
+from .config import Config, ConfigError
+from .data import Loader, split_size
+from .metrics import Metrics, progress
+from .models import Model, build_model
+from .optim import make_optimizer, make_schedule
+from .pipeline import microbatch
+from .pipeline.partition import balance, describe, flop_costs, parse_partition, profile_costs, stage_bounds
+from .pipeline.runtime import Feed, StageRunner, stage_shapes
+from .pipeline.schedules import SCHEDULES
+from .trace import Tracer, from_bytes, to_bytes, write_trace
+
+RESULT_TAG = 0x4844  # "HD": the final figures, last stage -> rank 0
+
+
+@dataclass
+class Plan:
+    """What every rank decides alike before any communication."""
+
+    model: Model
+    layout: Layout
+    n_micro: int
+    n_train: int
+    n_test: int
+
+
+def plan_run(cfg: Config, world: int) -> Plan:
+    """Model, layout and data sizes; raises a user error (identically on every rank) on a misfit."""
+    if cfg.checkpoint_dir:
+        raise ConfigError("--checkpoint-dir: checkpoints of multi-rank runs are not implemented yet")
+    model = build_model(cfg.model, **cfg.model_options)
+    layout, n_micro = plan_layout(cfg, model, world)
+    if cfg.partition not in ("auto", "flops"):
+        partition(cfg, model, layout.stages, n_micro, None)
+    n_train = split_size(cfg.data, "train")
+    if n_train < cfg.batch_size * layout.replicas:
+        raise ConfigError(f"--batch-size {cfg.batch_size} x {layout.replicas} replicas exceeds the "
+                          f"{n_train} training samples")
+    return Plan(model, layout, n_micro, n_train, split_size(cfg.data, "test"))
+
+
+def plan_layout(cfg: Config, model: Model, world: int):
+    """Layout and micro-batch count; raises ConfigError on a misfit."""
+    try:
+        layout = choose_layout(world, len(model.layers), cfg.stages or None, cfg.replicas or None, cfg.ps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.ps:
+        raise ConfigError("--ps: parameter-server ranks are not implemented yet; use --ps 0")
+    n_micro = cfg.microbatches or min(cfg.batch_size, 2 * layout.stages)
+    if not 1 <= n_micro <= cfg.batch_size:
+        raise ConfigError(f"--microbatches must be between 1 and --batch-size {cfg.batch_size}, got {n_micro}")
+    return layout, n_micro
+
+
+def partition(cfg: Config, model: Model, n_stages: int, n_micro: int, comm) -> list[int]:
+    """Layers per stage: by hand, by FLOPs, or balanced from a timing profile taken on rank 0."""
+    try:
+        if cfg.partition not in ("auto", "flops"):
+            return parse_partition(cfg.partition, len(model.layers))
+        if cfg.partition == "flops":
+            return balance(flop_costs(model), n_stages)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    counts = np.zeros(n_stages, dtype=np.int64)
+    if comm.Get_rank() == 0:  # timings differ between ranks: one rank decides for all
+        counts[:] = balance(profile_costs(model, max(1, cfg.batch_size // n_micro)), n_stages)
+    comm.Bcast(counts, root=0)
+    return [int(c) for c in counts]
+
+
+class Batches:
+    """The micro-batches of a run, fetched lazily in order from a replica's loader."""
+
+    def __init__(self, loader: Loader | None, epoch: int, start: int, n_micro: int):
+        self.it: Iterator | None = loader.epoch(epoch, start) if loader is not None else None
+        self.n_micro, self.start = n_micro, start
+        self.index, self.parts = start - 1, None
+
+    def part(self, batch_index: int, mb: int, which: int):
+        """Slice `which` (0: x, 1: y) of micro-batch mb of the epoch's batch `batch_index`."""
+        while self.index < batch_index:
+            x, y = next(self.it)
+            self.parts = [(x[a:b], y[a:b]) for a, b in microbatch.bounds(len(y), self.n_micro)]
+            self.index += 1
+        return self.parts[mb][which]
+
+
+def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_WORLD) -> dict | None:
+    """Train over all ranks of comm; rank 0 returns the RESULT record, the others None."""
+    rank = comm.Get_rank()
+    model, layout, n_micro, n_train, n_test = plan.model, plan.layout, plan.n_micro, plan.n_train, plan.n_test
+    topo = Topology.create(comm, layout)
+    counts = partition(cfg, model, layout.stages, n_micro, comm)
+    if rank == 0:
+        print(f"layout: {layout}; schedule {cfg.schedule}, {n_micro} micro-batches of "
+              f"{cfg.batch_size // n_micro}-{-(-cfg.batch_size // n_micro)} samples", flush=True)
+        print(describe(counts, model, flop_costs(model)), flush=True)
+        print(topo.describe(), flush=True)
+
+    s, P, R = topo.stage, layout.stages, layout.replicas
+    start, stop = stage_bounds(counts)[s]
+    xp, dtype = backend.xp, backend.dtype
+    layers = model.layers[start:stop]
+    params = model.init(cfg.seed, xp, dtype, start, stop)
+    opt_kw = {"weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "sgd":
+        opt_kw |= {"momentum": cfg.momentum, "nesterov": cfg.nesterov}
+    tracer = Tracer(rank, enabled=bool(cfg.trace))
+    tracer.set_name(f"stage {s} / replica {topo.replica}")
+    channel = PipeChannel(topo.pipe, s, P) if P > 1 else None
+    # Asynchronous schedules run an epoch's micro-batches as one stream: size the stash for it.
+    stream = n_micro if SCHEDULES[cfg.schedule].flush else max(n_micro, P)
+    runner = StageRunner(layers, params, start, s, P, cfg.schedule, stream, make_optimizer(cfg.optimizer, layers, **opt_kw),
+                         channel, stage_shapes(model.shapes(), (start, stop)), xp, dtype,
+                         stage_comm=topo.stage_comm, tracer=tracer, poll=cfg.poll)
+    has_data = runner.is_first or runner.is_last
+    train = Loader(cfg.data, "train", cfg.batch_size, replica=topo.replica, replicas=R, seed=cfg.seed,
+                   xp=xp, dtype=dtype) if has_data else None
+    test = Loader(cfg.data, "test", 1000, shuffle=False, drop_last=False, xp=xp, dtype=dtype) \
+        if has_data and topo.replica == 0 else None
+    test_sizes = [min(1000, n_test - i) for i in range(0, n_test, 1000)]
+
+    spe = n_train // (cfg.batch_size * R)
+    total = cfg.epochs * spe if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * spe)
+    sched = make_schedule(cfg.lr_schedule, cfg.lr, total, warmup_steps=cfg.warmup_steps)
+    spec = SCHEDULES[cfg.schedule]
+    reporter = runner.is_last and topo.replica == 0
+    metrics = Metrics(cfg.metrics, enabled=reporter)
+    bar = progress(total, 0, cfg.progress and rank == 0)
+    sizes = microbatch.sizes(cfg.batch_size, n_micro)
+    # Flushed: each micro-batch's loss weighs b_i / (R B), so the sum is the global mean.
+    # Asynchronous: every micro-batch is its own update of its mean loss.
+    weights = microbatch.loss_weights(cfg.batch_size, n_micro, R) if spec.flush else [1.0 / R] * n_micro
+
+    step, train_time, last_eval = 0, 0.0, (float("nan"), float("nan"))
+    comm.Barrier()
+    while step < total:
+        epoch = step // spe
+        steps_now = min(spe, total - epoch * spe)
+        t0 = time.perf_counter()
+        runner.loss_sum = 0.0
+        if spec.flush:
+            for k in range(steps_now):
+                src = Batches(train, epoch, k, n_micro)
+                g = epoch * spe + k
+                runner.run(spec.generator(s, P, n_micro), Feed(
+                    x=lambda mb: src.part(k, mb, 0), y=lambda mb: src.part(k, mb, 1),
+                    weight=lambda mb: weights[mb], size=lambda mb: sizes[mb],
+                    key=lambda mb: (cfg.seed, g, mb), lr=lambda mb: sched(g)))
+                bar.update()
+                if reporter and (g + 1) % cfg.log_every == 0:
+                    metrics.write(kind="train", step=g + 1, epoch=epoch, loss=runner.loss_sum, lr=sched(g))
+                runner.loss_sum = 0.0
+        else:
+            src = Batches(train, epoch, 0, n_micro)
+
+            def on_step(mb: int) -> None:
+                if mb % n_micro == n_micro - 1:
+                    bar.update()
+
+            runner.run(spec.generator(s, P, steps_now * n_micro), Feed(
+                x=lambda mb: src.part(mb // n_micro, mb % n_micro, 0),
+                y=lambda mb: src.part(mb // n_micro, mb % n_micro, 1),
+                weight=lambda mb: weights[mb % n_micro], size=lambda mb: sizes[mb % n_micro],
+                key=lambda mb: (cfg.seed, epoch * spe + mb // n_micro, mb % n_micro),
+                lr=lambda mb: sched(epoch * spe + mb // n_micro), on_step=on_step))
+            if reporter:
+                metrics.write(kind="train", step=epoch * spe + steps_now, epoch=epoch,
+                              loss=runner.loss_sum / (steps_now * n_micro), lr=sched(epoch * spe + steps_now - 1))
+        step += steps_now
+        backend.synchronize()
+        train_time += time.perf_counter() - t0
+        if topo.replica == 0:
+            batches = test.epoch(0) if test is not None else iter([(None, None)] * len(test_sizes))
+            loss_sum, correct, n = runner.evaluate(batches, test_sizes)
+            if reporter:
+                last_eval = (loss_sum / n, correct / n)
+                metrics.write(kind="eval", step=step, epoch=epoch + 1, test_loss=last_eval[0], test_acc=last_eval[1])
+    bar.close()
+    metrics.close()
+
+    stash = gather_stash(comm, topo, runner)
+    traffic = comm_bytes(comm, channel)
+    if cfg.trace:
+        gather_trace(comm, tracer, cfg.trace)
+    figures = np.array([*last_eval, train_time, runner.updates], dtype=np.float64)
+    last_rank = topo.world_rank(P - 1, 0)
+    if rank == last_rank and rank != 0:
+        comm.Send(figures, dest=0, tag=RESULT_TAG)
+    if rank != 0:
+        return None
+    if last_rank != 0:
+        comm.Recv(figures, source=last_rank, tag=RESULT_TAG)
+    test_loss, test_acc = figures[0], figures[1]
+    return {"test_acc": float(test_acc), "test_loss": float(test_loss), "epochs": step / spe, "steps": step,
+            "samples_per_s": step * cfg.batch_size * R / train_time if train_time else 0.0, "train_s": train_time,
+            "layout": str(layout), "partition": counts, "schedule": cfg.schedule, "microbatches": n_micro,
+            "stash": stash, "p2p_bytes": traffic}
+
+
+def gather_stash(comm, topo: Topology, runner: StageRunner) -> list[dict]:
+    """Each stage's stash report (replica 0's), gathered on rank 0 as int64 buffers."""
+    rep = runner.stash.report()
+    mine = np.array([topo.stage, topo.replica, rep["capacity"], rep["weight_versions"], rep["weight_bytes"],
+                     rep["peak_cache_bytes"]], dtype=np.int64)
+    rows = np.zeros((comm.Get_size(), len(mine)), dtype=np.int64) if comm.Get_rank() == 0 else None
+    comm.Gather(mine, rows, root=0)
+    if rows is None:
+        return []
+    keys = ("stage", "replica", "capacity", "weight_versions", "weight_bytes", "peak_cache_bytes")
+    return [dict(zip(keys, map(int, r))) for r in rows if r[1] == 0]
+
+
+def comm_bytes(comm, channel: PipeChannel | None) -> int:
+    """Point-to-point bytes sent by all ranks together."""
+    sent = np.array([channel.bytes_sent if channel is not None else 0], dtype=np.int64)
+    total = np.zeros(1, dtype=np.int64)
+    comm.Reduce(sent, total, op=MPI.SUM, root=0)
+    return int(total[0])
+
+
+def gather_trace(comm, tracer: Tracer, path: str) -> None:
+    """Every rank's events to rank 0 as JSON bytes (Gatherv of uint8), written as one trace."""
+    mine = to_bytes(tracer.events())
+    counts = np.zeros(comm.Get_size(), dtype=np.int64) if comm.Get_rank() == 0 else None
+    comm.Gather(np.array([mine.size], dtype=np.int64), counts, root=0)
+    buf = np.empty(int(counts.sum()), dtype=np.uint8) if counts is not None else None
+    comm.Gatherv(mine, (buf, counts) if buf is not None else None, root=0)
+    if buf is not None:
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        write_trace(path, [from_bytes(buf[a:b]) for a, b in zip(offsets[:-1], offsets[1:])])

@@ -1,0 +1,168 @@
+"""Executes a pipeline schedule on one stage of one replica: compute, stash, send, receive, update."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..comm.p2p import PipeChannel
+from ..comm.wait import allreduce
+from ..layers import EVAL, Layer, Mode, accuracy, softmax_cross_entropy_backward, softmax_cross_entropy_forward
+from ..layers.base import Params
+from ..models import backward, forward
+from ..flat import Flat
+from ..trace import Tracer
+from .schedules import SCHEDULES, Action, max_in_flight, stash_depth
+from .stash import Stash
+
+# How many receives of each kind are posted ahead of the action that consumes them:
+# enough for the next message to arrive while this one is computed on.
+LOOKAHEAD = 2
+
+
+@dataclass
+class Feed:
+    """What one run of actions consumes: inputs on the first stage, labels and loss weights on the last."""
+
+    x: Callable[[int], object] | None           # micro-batch -> input (first stage)
+    y: Callable[[int], object] | None           # micro-batch -> labels (last stage)
+    weight: Callable[[int], float]              # micro-batch -> dloss of its mean loss
+    size: Callable[[int], int]                  # micro-batch -> number of samples
+    key: Callable[[int], tuple[int, ...]]       # micro-batch -> dropout key
+    lr: Callable[[int], float]                  # micro-batch of the step -> learning rate
+    on_step: Callable[[int], None] | None = None  # called after each update with its micro-batch
+
+
+class StageRunner:
+    """One stage: its slice of layers, its parameters, a stash, and the channel to its neighbours.
+
+    The same object runs every schedule: a flushed schedule accumulates micro-batch
+    gradients and steps once; an asynchronous one steps after every backward, with
+    (pipedream) or without (pipelined-bp) the weight version its forward pass used.
+    """
+
+    def __init__(self, layers: Sequence[Layer], params: list[Params], first: int, stage: int, n_stages: int,
+                 schedule: str, n_micro: int, optimizer, channel: PipeChannel | None, shapes: tuple[tuple, tuple],
+                 xp, dtype, stage_comm=None, tracer: Tracer | None = None, poll: str = "sleep"):
+        self.layers, self.params, self.first = layers, params, first
+        self.stage, self.n_stages = stage, n_stages
+        self.is_first, self.is_last = stage == 0, stage == n_stages - 1
+        self.spec = SCHEDULES[schedule]
+        self.schedule = schedule
+        self.optimizer, self.channel = optimizer, channel
+        self.in_shape, self.out_shape = shapes
+        self.xp, self.dtype = xp, np.dtype(dtype)
+        self.stage_comm = stage_comm if stage_comm is not None and stage_comm.Get_size() > 1 else None
+        self.tracer = tracer or Tracer(0, enabled=False)
+        self.poll = poll
+        self.stash = Stash(params, max_in_flight(schedule, stage, n_stages, n_micro),
+                           stash_depth(schedule, stage, n_stages) if self.spec.stash_weights else 0)
+        self.grads = Flat(layers, params, xp, dtype)
+        self.dlogits: dict[int, object] = {}
+        self.loss_sum = 0.0        # sum over micro-batches of weight x mean loss (last stage)
+        self.updates = 0
+        # Debugging hook for tests: called as on_update(mb, stashed_params, grads) per step.
+        self.on_update: Callable | None = None
+
+    # -- running a list of actions ------------------------------------------------------
+    def run(self, actions: Iterable[Action], feed: Feed) -> None:
+        actions = list(actions)
+        pending = {kind: deque(a.mb for a in actions if a.kind == kind) for kind in ("recv_act", "recv_grad")}
+        posted: dict[tuple[str, int], object] = {}
+
+        def post_ahead(kind: str) -> None:
+            while pending[kind] and sum(k == kind for k, _ in posted) < LOOKAHEAD:
+                mb = pending[kind].popleft()
+                shape = (feed.size(mb),) + (self.in_shape if kind == "recv_act" else self.out_shape)
+                post = self.channel.post_recv_act if kind == "recv_act" else self.channel.post_recv_grad
+                posted[(kind, mb)] = post(mb, shape, self.dtype)
+
+        for kind in pending:
+            post_ahead(kind)
+        inputs: dict[int, object] = {}
+        douts: dict[int, object] = {}
+        outputs: dict[int, object] = {}
+        for a in actions:
+            with self.tracer.span(a.kind, "pipeline", mb=a.mb):
+                if a.kind in ("recv_act", "recv_grad"):
+                    buf = self.channel.wait_recv(posted.pop((a.kind, a.mb)))
+                    (inputs if a.kind == "recv_act" else douts)[a.mb] = self._to_device(buf)
+                    post_ahead(a.kind)
+                elif a.kind == "forward":
+                    x = feed.x(a.mb) if self.is_first else inputs.pop(a.mb)
+                    outputs[a.mb] = self._forward(a.mb, x, feed)
+                elif a.kind == "send_act":
+                    self.channel.send_act(a.mb, outputs.pop(a.mb))
+                elif a.kind == "backward":
+                    dy = self.dlogits.pop(a.mb) if self.is_last else douts.pop(a.mb)
+                    outputs[a.mb] = self._backward(a.mb, dy)
+                elif a.kind == "send_grad":
+                    self.channel.send_grad(a.mb, outputs.pop(a.mb))
+                elif a.kind == "step":
+                    self._step(feed.lr(a.mb))
+                    if feed.on_step is not None:
+                        feed.on_step(a.mb)
+                else:
+                    raise ValueError(f"unknown action {a}")
+        if self.channel is not None:
+            self.channel.flush()
+
+    def _to_device(self, buf):
+        # Receive buffers are pooled host arrays: copy out before the pool reuses them.
+        x = self.xp.array(buf, dtype=self.dtype, copy=True)
+        self.channel.release(buf)
+        return x
+
+    def _forward(self, mb: int, x, feed: Feed):
+        y, caches = forward(self.layers, self.params, x, Mode(True, feed.key(mb)), self.first)
+        if self.is_last:
+            loss, lcache = softmax_cross_entropy_forward(y, feed.y(mb))
+            self.dlogits[mb] = softmax_cross_entropy_backward(lcache, feed.weight(mb))
+            self.loss_sum += float(loss) * feed.weight(mb)
+            y = None
+        self.stash.push(mb, caches)
+        return y
+
+    def _backward(self, mb: int, dy):
+        entry = self.stash.pop(mb)
+        dx, grads = backward(self.layers, entry.params, entry.caches, dy)
+        self.grads.add(grads)
+        if self.on_update is not None and not self.spec.flush:
+            self.on_update(mb, entry.params, grads)
+        return dx
+
+    def _step(self, lr: float) -> None:
+        if self.stage_comm is not None:
+            with self.tracer.span("allreduce", "comm"):
+                allreduce(self.stage_comm, self.grads.vector, poll=self.poll)
+        self.optimizer.step(self.params, self.grads.views, lr)
+        self.grads.vector[...] = 0
+        self.updates += 1
+
+    # -- evaluation: forward only, no stash, straight through the pipeline ------------------
+    def evaluate(self, batches: Iterable, sizes: Sequence[int]) -> tuple[float, float, int]:
+        """Sum of losses, number correct and samples over a split (meaningful on the last stage)."""
+        loss_sum = correct = n = 0.0
+        for i, (x, y) in enumerate(batches):
+            if not self.is_first:
+                buf = self.channel.wait_recv(self.channel.post_recv_act(i, (sizes[i],) + self.in_shape, self.dtype))
+                x = self._to_device(buf)
+            out, _ = forward(self.layers, self.params, x, EVAL, self.first)
+            if self.is_last:
+                loss, _ = softmax_cross_entropy_forward(out, y)
+                loss_sum += float(loss) * len(y)
+                correct += float(accuracy(out, y)) * len(y)
+                n += len(y)
+            else:
+                self.channel.send_act(i, out)
+        if self.channel is not None:
+            self.channel.flush()
+        return loss_sum, correct, int(n)
+
+
+def stage_shapes(model_shapes: Sequence[tuple], bounds: tuple[int, int]) -> tuple[tuple, tuple]:
+    """Per-sample shapes of a stage's input and output."""
+    start, stop = bounds
+    return tuple(model_shapes[start]), tuple(model_shapes[stop])
