@@ -46,7 +46,9 @@ $(VENV)/.bench: $(VENV)/.installed
 	touch $@
 
 bench: $(VENV)/.bench $(DATA)
+	$(PY) -m benchmarks.accuracy
 	$(PY) -m benchmarks.single_process
+	$(PY) -m benchmarks.pipeline
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,6 +1,7 @@
 """Multi-rank training: layout, partition, and the epoch loop over pipeline stages x replicas."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -23,6 +24,15 @@ from .pipeline.schedules import SCHEDULES
 from .trace import Tracer, from_bytes, to_bytes, write_trace
 
 RESULT_TAG = 0x4844  # "HD": the final figures, last stage -> rank 0
+# Fault injection for the tests of job-wide failure: "RANK:EPOCH" raises on that rank when
+# that epoch starts, while its peers are blocked in communication.
+FAULT_ENV = "HPDL_INJECT_FAULT"
+
+
+def injected_fault(rank: int) -> int:
+    """The epoch at whose start this rank must fail, or -1."""
+    fault_rank, _, fault_epoch = os.environ.get(FAULT_ENV, "-1").partition(":")
+    return int(fault_epoch or 0) if int(fault_rank) == rank else -1
 
 
 @dataclass
@@ -146,9 +156,12 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
     weights = microbatch.loss_weights(cfg.batch_size, n_micro, R) if spec.flush else [1.0 / R] * n_micro
 
     step, train_time, last_eval = 0, 0.0, (float("nan"), float("nan"))
+    fail_at = injected_fault(rank)
     comm.Barrier()
     while step < total:
         epoch = step // spe
+        if epoch == fail_at:
+            raise RuntimeError(f"fault injected by {FAULT_ENV} at epoch {epoch}")
         steps_now = min(spe, total - epoch * spe)
         t0 = time.perf_counter()
         runner.loss_sum = 0.0

@@ -33,9 +33,3 @@ class Flat:
                 view[...] = p[name]
                 p[name] = view
         return flat
-
-    def add(self, grads: Sequence[dict]) -> None:
-        """Accumulate per-layer tensors (gradients) into the views."""
-        for acc, g in zip(self.views, grads):
-            for name, value in g.items():
-                acc[name] += value

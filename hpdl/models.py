@@ -57,12 +57,25 @@ def forward(layers: Sequence[Layer], params: Sequence[Params], x, mode: Mode = T
     return x, caches
 
 
-def backward(layers: Sequence[Layer], params: Sequence[Params], caches: list, dy):
-    """Run layers in reverse: dy -> (dx, grads), one gradient dict per layer."""
-    grads: list[dict] = [{}] * len(layers)
-    for i in reversed(range(len(layers))):
-        dy, grads[i] = layers[i].backward(params[i], caches[i], dy)
-    return dy, grads
+def backward(layers: Sequence[Layer], params: Sequence[Params], caches: list, dy,
+             on_layer: Callable[[int, dict], None] | None = None, need_dx: bool = True):
+    """Run layers in reverse: dy -> (dx, grads), one gradient dict per layer.
+
+    `on_layer(i, grads_i)` is called as soon as layer i is done, so gradients can be
+    accumulated or sent while the earlier layers still compute. Without `need_dx` (the
+    model's first stage) backward stops at the first layer with parameters and skips its
+    input gradient: dx is then None.
+    """
+    grads: list[dict] = [{} for _ in layers]
+    first = next((i for i, layer in enumerate(layers) if layer.trainable), len(layers)) if not need_dx else 0
+    for i in reversed(range(first, len(layers))):
+        if i == first and not need_dx:
+            grads[i], dy = layers[i].param_grads(params[i], caches[i], dy), None
+        else:
+            dy, grads[i] = layers[i].backward(params[i], caches[i], dy)
+        if on_layer is not None:
+            on_layer(i, grads[i])
+    return (dy if need_dx else None), grads
 
 
 def mlp(hidden: Sequence[int] = (1024, 1024), dropout: float = 0.0) -> list[Layer]:

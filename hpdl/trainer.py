@@ -23,7 +23,7 @@ def loss_and_grads(layers: Sequence[Layer], params: Sequence[Params], x, y, key:
     """One forward and backward pass: (mean loss, per-layer gradients)."""
     logits, caches = forward(layers, params, x, Mode(True, key))
     loss, cache = softmax_cross_entropy_forward(logits, y)
-    _, grads = backward(layers, params, caches, softmax_cross_entropy_backward(cache))
+    _, grads = backward(layers, params, caches, softmax_cross_entropy_backward(cache), need_dx=False)
     return loss, grads
 
 

@@ -32,6 +32,7 @@ class Layer:
 
     forward(params, x, mode) -> (y, cache)
     backward(params, cache, dy) -> (dx, grads)   grads has one entry per trainable name
+    param_grads(params, cache, dy) -> grads      the same grads, skipping dx where that saves work
     init(rng, xp, dtype) -> params               all arrays, trainable and buffers
     out_shape(in_shape) -> shape                 per-sample shapes, no batch axis
     flops(in_shape) -> int                       forward multiply-adds x 2, per sample
@@ -54,6 +55,10 @@ class Layer:
 
     def backward(self, params: Params, cache: Cache, dy):
         raise NotImplementedError
+
+    def param_grads(self, params: Params, cache: Cache, dy) -> dict:
+        """The weight gradients alone, for the first layer of a model, whose dx nobody reads."""
+        return self.backward(params, cache, dy)[1]
 
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         return in_shape

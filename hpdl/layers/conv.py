@@ -75,9 +75,15 @@ class Conv2d(Layer):
         cols, x_shape = cache
         dy2 = dy.transpose(1, 0, 2, 3).reshape(self.c_out, -1)          # (C_out, N*Ho*Wo)
         W2 = params["W"].reshape(self.c_out, -1)                        # (C_out, C_in*k*k)
-        dW = (dy2 @ cols.T).reshape(params["W"].shape)
         dx = col2im(W2.T @ dy2, x_shape, self.k, self.stride, self.pad)
-        return dx, {"W": dW, "b": dy2.sum(axis=1)}
+        return dx, self._grads(params, cols, dy2)
+
+    def param_grads(self, params, cache, dy):
+        return self._grads(params, cache[0], dy.transpose(1, 0, 2, 3).reshape(self.c_out, -1))
+
+    def _grads(self, params, cols, dy2):
+        # cols: (C_in*k*k, N*Ho*Wo)  dy2: (C_out, N*Ho*Wo)
+        return {"W": (dy2 @ cols.T).reshape(params["W"].shape), "b": dy2.sum(axis=1)}
 
     def out_shape(self, in_shape):
         _, h, w = in_shape

@@ -26,8 +26,11 @@ class Linear(Layer):
 
     def backward(self, params, cache, dy):
         # dy: (B, n_out) -> dx: (B, n_in), dW: (n_in, n_out), db: (n_out,)
+        return dy @ params["W"].T, self.param_grads(params, cache, dy)
+
+    def param_grads(self, params, cache, dy):
         x = cache
-        return dy @ params["W"].T, {"W": x.T @ dy, "b": dy.sum(axis=0)}
+        return {"W": x.T @ dy, "b": dy.sum(axis=0)}
 
     def out_shape(self, in_shape):
         return (self.n_out,)

@@ -7,8 +7,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..comm.collectives import BucketAllreduce
 from ..comm.p2p import PipeChannel
-from ..comm.wait import allreduce
 from ..layers import EVAL, Layer, Mode, accuracy, softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from ..layers.base import Params
 from ..models import backward, forward
@@ -50,16 +50,15 @@ class StageRunner:
         self.stage, self.n_stages = stage, n_stages
         self.is_first, self.is_last = stage == 0, stage == n_stages - 1
         self.spec = SCHEDULES[schedule]
-        self.schedule = schedule
         self.optimizer, self.channel = optimizer, channel
         self.in_shape, self.out_shape = shapes
         self.xp, self.dtype = xp, np.dtype(dtype)
-        self.stage_comm = stage_comm if stage_comm is not None and stage_comm.Get_size() > 1 else None
         self.tracer = tracer or Tracer(0, enabled=False)
-        self.poll = poll
         self.stash = Stash(params, max_in_flight(schedule, stage, n_stages, n_micro),
                            stash_depth(schedule, stage, n_stages) if self.spec.stash_weights else 0)
         self.grads = Flat(layers, params, xp, dtype)
+        replicated = stage_comm is not None and stage_comm.Get_size() > 1
+        self.reducer = BucketAllreduce(stage_comm, self.grads, poll=poll) if replicated else None
         self.dlogits: dict[int, object] = {}
         self.loss_sum = 0.0        # sum over micro-batches of weight x mean loss (last stage)
         self.updates = 0
@@ -81,6 +80,7 @@ class StageRunner:
 
         for kind in pending:
             post_ahead(kind)
+        final = last_backwards(actions)
         inputs: dict[int, object] = {}
         douts: dict[int, object] = {}
         outputs: dict[int, object] = {}
@@ -97,7 +97,7 @@ class StageRunner:
                     self.channel.send_act(a.mb, outputs.pop(a.mb))
                 elif a.kind == "backward":
                     dy = self.dlogits.pop(a.mb) if self.is_last else douts.pop(a.mb)
-                    outputs[a.mb] = self._backward(a.mb, dy)
+                    outputs[a.mb] = self._backward(a.mb, dy, a.mb in final)
                 elif a.kind == "send_grad":
                     self.channel.send_grad(a.mb, outputs.pop(a.mb))
                 elif a.kind == "step":
@@ -125,18 +125,26 @@ class StageRunner:
         self.stash.push(mb, caches)
         return y
 
-    def _backward(self, mb: int, dy):
+    def _backward(self, mb: int, dy, final: bool):
+        """Backward of mb, accumulating its gradients; the final one before a step also reduces them."""
         entry = self.stash.pop(mb)
-        dx, grads = backward(self.layers, entry.params, entry.caches, dy)
-        self.grads.add(grads)
+        reduce = self.reducer is not None and final
+
+        def accumulate(i: int, g: dict) -> None:
+            for name, value in g.items():
+                self.grads.views[i][name] += value
+            if reduce:
+                self.reducer.layer_done(i)
+
+        dx, grads = backward(self.layers, entry.params, entry.caches, dy, accumulate, need_dx=not self.is_first)
         if self.on_update is not None and not self.spec.flush:
             self.on_update(mb, entry.params, grads)
         return dx
 
     def _step(self, lr: float) -> None:
-        if self.stage_comm is not None:
-            with self.tracer.span("allreduce", "comm"):
-                allreduce(self.stage_comm, self.grads.vector, poll=self.poll)
+        if self.reducer is not None:
+            with self.tracer.span("wait_allreduce", "comm"):
+                self.reducer.wait()
         self.optimizer.step(self.params, self.grads.views, lr)
         self.grads.vector[...] = 0
         self.updates += 1
@@ -160,6 +168,18 @@ class StageRunner:
         if self.channel is not None:
             self.channel.flush()
         return loss_sum, correct, int(n)
+
+
+def last_backwards(actions: Sequence[Action]) -> set[int]:
+    """Micro-batches whose backward is the last before a step: their gradients are final."""
+    final, last = set(), None
+    for a in actions:
+        if a.kind == "backward":
+            last = a.mb
+        elif a.kind == "step" and last is not None:
+            final.add(last)
+            last = None
+    return final
 
 
 def stage_shapes(model_shapes: Sequence[tuple], bounds: tuple[int, int]) -> tuple[tuple, tuple]:

@@ -26,10 +26,10 @@ def synthetic_batches(n: int, batch: int, seed: int = 1):
     return [(rng.standard_normal((batch, 1, 28, 28)), rng.integers(0, 10, batch)) for _ in range(n)]
 
 
-def stage_runner(model, schedule: str, n_micro: int, dtype, lr_momentum=(0.05, 0.9)):
-    """This rank's stage of `model`, cut evenly by FLOPs over all ranks."""
+def stage_runner(model, schedule: str, n_micro: int, dtype, lr_momentum=(0.05, 0.9), counts=None):
+    """This rank's stage of `model`, cut by `counts` or evenly by FLOPs over all ranks."""
     P, s = comm.Get_size(), comm.Get_rank()
-    start, stop = stage_bounds(balance(flop_costs(model), P))[s]
+    start, stop = stage_bounds(counts or balance(flop_costs(model), P))[s]
     layers = model.layers[start:stop]
     params = model.init(0, np, dtype, start, stop)
     opt = make_optimizer("sgd", layers, momentum=lr_momentum[1])
@@ -89,9 +89,12 @@ def gathered_records(runner, records: list) -> list[list[np.ndarray]] | None:
 @pytest.mark.parametrize("schedule, exact", [("pipedream", True), ("pipelined-bp", False)])
 def test_weight_stashing_gives_exact_gradients(schedule, exact):
     """pipedream applies, per micro-batch, the gradient at the weights its forward used; pipelined-bp does not."""
-    model = build_model("mlp", hidden=[16, 12])
     P, n_micro, b = comm.Get_size(), 12, 4
-    runner, (start, stop) = stage_runner(model, schedule, n_micro, np.float64)
+    # Two Linear layers per stage: a stage's weight gradient then depends on its own later
+    # weights (through dx inside the stage), which is where a missing stash shows.
+    model = build_model("mlp", hidden=[12] * (2 * P - 1))
+    counts = [5] + [4] * (P - 2) + [3]
+    runner, (start, stop) = stage_runner(model, schedule, n_micro, np.float64, counts=counts)
     records: list[tuple[np.ndarray, np.ndarray]] = []
     runner.on_update = lambda mb, w, g: records.append((flat(runner.layers, w), flat(runner.layers, g)))
     data = synthetic_batches(n_micro, b, seed=3)
@@ -102,7 +105,7 @@ def test_weight_stashing_gives_exact_gradients(schedule, exact):
     per_stage = gathered_records(runner, records)
     if per_stage is None:
         return
-    bounds = stage_bounds(balance(flop_costs(model), P))
+    bounds = stage_bounds(counts)
     mismatches = 0
     for mb in range(n_micro):
         # The model at the weights each stage stashed for this micro-batch, in one process.
