@@ -14,6 +14,8 @@ class MaxPool2d(Layer):
 
     def forward(self, params, x, mode: Mode = TRAIN):
         # x: (N, C, H, W) -> y: (N, C, Ho, Wo)
+        if self.stride == self.k:
+            return self._forward_tiles(x)
         xp = array_module(x)
         n, c, h, w = x.shape
         k, s = self.k, self.stride
@@ -31,13 +33,43 @@ class MaxPool2d(Layer):
         y = xp.ascontiguousarray(y.reshape(c, n, ho, wo).transpose(1, 0, 2, 3))
         return y, (win, x.shape)
 
+    def _forward_tiles(self, x):
+        """Non-overlapping windows: offsets first, so y and the winners come out in NCHW order."""
+        xp = array_module(x)
+        n, c, h, w = x.shape
+        k = self.k
+        ho, wo = h // k, w // k
+        # tiles[o] (o = i*k + j) holds x[n, c, a*k + i, b*k + j] for every output (n, c, a, b).
+        tiles = xp.ascontiguousarray(
+            x[:, :, :ho * k, :wo * k].reshape(n, c, ho, k, wo, k).transpose(3, 5, 0, 1, 2, 4)
+        ).reshape(k * k, n, c, ho, wo)
+        y = tiles.max(axis=0)
+        win = xp.empty(tiles.shape, dtype=bool)
+        free = xp.ones(y.shape, dtype=bool)
+        for o in range(k * k):
+            xp.logical_and(tiles[o] == y, free, out=win[o])
+            free &= ~win[o]
+        return y, (win, x.shape)
+
     def backward(self, params, cache, dy):
         # dy: (N, C, Ho, Wo) -> dx: (N, C, H, W), nonzero only at each window's winner
         win, x_shape = cache
+        if self.stride == self.k:
+            return self._backward_tiles(win, x_shape, dy), {}
         c = x_shape[1]
         dy2 = dy.transpose(1, 0, 2, 3).reshape(c, 1, -1)              # (C, 1, N*Ho*Wo)
         dcols = (win * dy2).reshape(c * self.k * self.k, -1)
         return col2im(dcols, x_shape, self.k, self.stride, 0), {}
+
+    def _backward_tiles(self, win, x_shape, dy):
+        xp = array_module(dy)
+        k = self.k
+        ho, wo = dy.shape[2:]
+        dx = xp.zeros(x_shape, dtype=dy.dtype)
+        for o in range(k * k):
+            i, j = divmod(o, k)
+            xp.multiply(dy, win[o], out=dx[:, :, i:i + k * ho:k, j:j + k * wo:k])
+        return dx
 
     def out_shape(self, in_shape):
         c, h, w = in_shape
