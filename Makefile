@@ -49,6 +49,8 @@ bench: $(VENV)/.bench $(DATA)
 	$(PY) -m benchmarks.accuracy
 	$(PY) -m benchmarks.single_process
 	$(PY) -m benchmarks.pipeline
+	$(PY) -m benchmarks.staleness
+	$(PY) -m benchmarks.comm
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -9,6 +9,11 @@ from typing import Any
 
 import yaml
 
+from .algorithms import registry
+from .algorithms.registry import AlgorithmError
+from .models import DEFAULT_LR
+from .ps.pipelined import NAMES, PIPELINED, base_spec
+
 
 class ConfigError(ValueError):
     """A user's configuration that cannot run; its message is one line for the CLI."""
@@ -34,7 +39,7 @@ class Config:
     max_steps: int = opt(0, "stop after this many updates (0: no limit)")
     batch_size: int = opt(128, "samples per update (per replica)")
     optimizer: str = opt("sgd", "update rule", ("sgd", "adamw"))
-    lr: float = opt(0.05, "base learning rate")
+    lr: float = opt(0.0, "base learning rate (0: the model's default: mlp 0.05, cnn 0.02, resnet 0.05)")
     lr_schedule: str = opt("cosine", "learning-rate decay", ("constant", "step", "cosine"))
     warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
     momentum: float = opt(0.9, "SGD momentum")
@@ -48,10 +53,19 @@ class Config:
     # parallel layout (mpirun -np N): N = stages x replicas + ps
     stages: int = opt(0, "pipeline stages (0: chosen from the world size and the model)")
     replicas: int = opt(0, "data-parallel replicas of each stage (0: world size / stages)")
-    ps: int = opt(0, "parameter-server ranks")
+    ps: int = opt(0, "parameter-server ranks (parameter-server algorithms)")
+    # how replicas combine their work (ALGORITHMS.md, docs/hyperparallel.md)
+    algorithm: str = opt("sync", "update rule across replicas; asgd, dcasgd-c, dcasgd-a, easgd, eamsgd and "
+                         "the pipelined-* ones need --ps", NAMES)
+    hyper: dict = opt({}, "the algorithm's hyper-parameters; each is also a flag and a top-level YAML key "
+                      "(--tau 10, tau: 10)", flag=False)
+    record: str = opt("", "write the parameter server's update order here (HDF5 delay log) for "
+                      "python -m hpdl.simulate --delay log:FILE")
+    debug_checksum: int = opt(0, "every N synchronisations check that the replicas' weights are bitwise "
+                              "equal (allreduce algorithms; 0: off)")
     partition: str = opt("auto", "layers per stage: 'auto' (timed profile), 'flops', or counts like 4,3,3")
     schedule: str = opt("1f1b", "pipeline schedule", ("gpipe", "1f1b", "pipedream", "pipelined-bp"))
-    microbatches: int = opt(0, "micro-batches per mini-batch (0: 2 x stages)")
+    microbatches: int = opt(0, "micro-batches per mini-batch (0: 2 x stages, 1 for one stage)")
     poll: str = opt("sleep", "how a rank waits for MPI: 'sleep' yields the core (oversubscribed runs)",
                     ("sleep", "spin"))
     trace: str = opt("", "write a Chrome/Perfetto trace JSON of every rank's events here")
@@ -93,6 +107,7 @@ def build_parser(prog: str = "python -m hpdl.train") -> argparse.ArgumentParser:
             kw["choices"] = f.metadata["choices"]
             kw["metavar"] = f.name.upper() if not f.metadata["choices"] else None
         p.add_argument(name, **kw)
+    registry.add_arguments(p)
     return p
 
 
@@ -122,20 +137,33 @@ def load_yaml(path: str) -> dict:
 
 
 def make_config(argv: list[str] | None = None) -> Config:
-    """Defaults <- YAML (--config) <- flags, type-checked and validated."""
-    args = vars(build_parser().parse_args(argv))
+    """Defaults <- YAML (--config) <- flags, type-checked and validated.
+
+    Hyper-parameters (registry names like tau) are flags and top-level YAML keys of their
+    own; they are collected into `hyper`, flags over YAML.
+    """
+    parsed = build_parser().parse_args(argv)
+    hyper_names = set(registry.hyper_names())
+    args = {k: v for k, v in vars(parsed).items() if k not in hyper_names}
     values: dict[str, Any] = {}
+    hyper: dict[str, Any] = {}
     defaults = Config()
     names = {f.name for f in _fields()}
     if args.get("config"):
         for key, value in load_yaml(args.pop("config")).items():
             key = str(key).replace("-", "_")
-            if key not in names:
+            if key in hyper_names:
+                hyper[key] = value
+            elif key not in names:
                 raise ConfigError(f"{args.get('config', 'config')}: unknown option {key!r}")
-            values[key] = _check_type(key, value, getattr(defaults, key), "config")
+            else:
+                values[key] = _check_type(key, value, getattr(defaults, key), "config")
     args.pop("config", None)
     values.update(args)
+    values["hyper"] = {**values.get("hyper", {}), **hyper, **registry.given_hyper(parsed)}
     cfg = Config(**values)
+    if cfg.lr == 0 and cfg.model in DEFAULT_LR:
+        cfg.lr = DEFAULT_LR[cfg.model]
     validate(cfg)
     return cfg
 
@@ -161,3 +189,33 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--resume needs --checkpoint-dir")
     if not isinstance(cfg.model_options, dict):
         raise ConfigError("model_options must be a mapping")
+    if cfg.debug_checksum < 0:
+        raise ConfigError(f"debug_checksum must not be negative, got {cfg.debug_checksum}")
+    validate_algorithm(cfg)
+
+
+def validate_algorithm(cfg: Config) -> None:
+    """The algorithm, its hyper-parameters and the options that go with it (the layout is checked later)."""
+    spec = base_spec(cfg.algorithm)
+    try:
+        # The number of workers is not known yet: 1 stands in, for the checks of given values.
+        hyper = spec.resolve(cfg.hyper, 1, cfg.lr)
+    except AlgorithmError as e:
+        raise ConfigError(str(e)) from None
+    except (ValueError, TypeError) as e:  # a YAML value of the wrong type
+        raise ConfigError(f"{cfg.algorithm} hyper-parameters: {e}") from None
+    ps_names = ", ".join(n for n in NAMES if base_spec(n).kind == "ps")
+    replayable = ", ".join(n for n, sp in registry.ALGORITHMS.items() if sp.kind == "ps")
+    if spec.kind == "ps" and not cfg.ps:
+        raise ConfigError(f"{cfg.algorithm} needs parameter-server ranks: add --ps 1 (one rank more)")
+    if spec.kind != "ps" and cfg.ps:
+        raise ConfigError(f"--ps serves parameter-server algorithms ({ps_names}); {cfg.algorithm} is "
+                          f"{spec.kind}: use --ps 0")
+    if cfg.record and (spec.kind != "ps" or cfg.algorithm in PIPELINED):
+        raise ConfigError(f"--record logs a parameter server's updates for the simulator to replay "
+                          f"({replayable}), not {cfg.algorithm}'s")
+    if cfg.record and hyper.get("n_fetch", 1) != hyper.get("n_push", 1):
+        raise ConfigError("--record: a delay log ties each fetch to a push; use --n-fetch equal to --n-push")
+    if cfg.debug_checksum and spec.kind != "allreduce":
+        raise ConfigError(f"--debug-checksum compares replicas kept identical (allreduce algorithms); "
+                          f"{cfg.algorithm}'s replicas differ by design")

@@ -1,6 +1,7 @@
 """Multi-rank training: layout, partition, and the epoch loop over pipeline stages x replicas."""
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -9,9 +10,10 @@ from typing import Iterator
 import numpy as np
 from mpi4py import MPI
 
-from .backend import Backend
+from .backend import Backend, to_host
 from .comm.p2p import PipeChannel
 from .comm.topology import Layout, Topology, choose_layout
+from .comm.wait import wait
 from .config import Config, ConfigError
 from .data import Loader, split_size
 from .metrics import Metrics, progress
@@ -21,6 +23,7 @@ from .pipeline import microbatch
 from .pipeline.partition import balance, describe, flop_costs, parse_partition, profile_costs, stage_bounds
 from .pipeline.runtime import Feed, StageRunner, stage_shapes
 from .pipeline.schedules import SCHEDULES
+from .ps.pipelined import PIPELINED
 from .trace import Tracer, from_bytes, to_bytes, write_trace
 
 RESULT_TAG = 0x4844  # "HD": the final figures, last stage -> rank 0
@@ -67,12 +70,22 @@ def plan_layout(cfg: Config, model: Model, world: int):
         layout = choose_layout(world, len(model.layers), cfg.stages or None, cfg.replicas or None, cfg.ps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.ps:
-        raise ConfigError("--ps: parameter-server ranks are not implemented yet; use --ps 0")
-    n_micro = cfg.microbatches or min(cfg.batch_size, 2 * layout.stages)
+    check_algorithm_layout(cfg, layout)
+    # One stage is no pipeline: its mini-batch goes through in one pass, as in one process.
+    n_micro = cfg.microbatches or (1 if layout.stages == 1 else min(cfg.batch_size, 2 * layout.stages))
     if not 1 <= n_micro <= cfg.batch_size:
         raise ConfigError(f"--microbatches must be between 1 and --batch-size {cfg.batch_size}, got {n_micro}")
     return layout, n_micro
+
+
+def check_algorithm_layout(cfg: Config, layout: Layout) -> None:
+    """What an algorithm needs of the layout and schedule (the rest is in config.validate_algorithm)."""
+    if cfg.record and (layout.stages, layout.ps) != (1, 1):
+        raise ConfigError("--record: the simulator replays one server holding the whole model; use "
+                          "--stages 1 --ps 1")
+    if cfg.algorithm not in ("sync", *PIPELINED) and not SCHEDULES[cfg.schedule].flush:
+        raise ConfigError(f"{cfg.algorithm} makes one local step per mini-batch: use --schedule gpipe or 1f1b "
+                          f"(the asynchronous pipeline is --algorithm {' or '.join(PIPELINED)})")
 
 
 def partition(cfg: Config, model: Model, n_stages: int, n_micro: int, comm) -> list[int]:
@@ -174,6 +187,8 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
                     weight=lambda mb: weights[mb], size=lambda mb: sizes[mb],
                     key=lambda mb: (cfg.seed, g, mb), lr=lambda mb: sched(g)))
                 bar.update()
+                if cfg.debug_checksum and (g + 1) % cfg.debug_checksum == 0:
+                    check_replicas(topo.stage_comm, trainable(layers, params), g + 1, cfg.poll)
                 if reporter and (g + 1) % cfg.log_every == 0:
                     metrics.write(kind="train", step=g + 1, epoch=epoch, loss=runner.loss_sum, lr=sched(g))
                 runner.loss_sum = 0.0
@@ -183,6 +198,8 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
             def on_step(mb: int) -> None:
                 if mb % n_micro == n_micro - 1:
                     bar.update()
+                if cfg.debug_checksum and runner.updates % cfg.debug_checksum == 0:
+                    check_replicas(topo.stage_comm, trainable(layers, params), runner.updates, cfg.poll)
 
             runner.run(spec.generator(s, P, steps_now * n_micro), Feed(
                 x=lambda mb: src.part(mb // n_micro, mb % n_micro, 0),
@@ -197,8 +214,7 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
         backend.synchronize()
         train_time += time.perf_counter() - t0
         if topo.replica == 0:
-            batches = test.epoch(0) if test is not None else iter([(None, None)] * len(test_sizes))
-            loss_sum, correct, n = runner.evaluate(batches, test_sizes)
+            loss_sum, correct, n = evaluate_stage(runner, test, test_sizes)
             if reporter:
                 last_eval = (loss_sum / n, correct / n)
                 metrics.write(kind="eval", step=step, epoch=epoch + 1, test_loss=last_eval[0], test_acc=last_eval[1])
@@ -207,6 +223,7 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
 
     stash = gather_stash(comm, topo, runner)
     traffic = comm_bytes(comm, channel)
+    reduced = sum_over_ranks(comm, runner.reducer.bytes_reduced if runner.reducer is not None else 0)
     if cfg.trace:
         gather_trace(comm, tracer, cfg.trace)
     figures = np.array([*last_eval, train_time, runner.updates], dtype=np.float64)
@@ -218,10 +235,56 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
     if last_rank != 0:
         comm.Recv(figures, source=last_rank, tag=RESULT_TAG)
     test_loss, test_acc = figures[0], figures[1]
-    return {"test_acc": float(test_acc), "test_loss": float(test_loss), "epochs": step / spe, "steps": step,
+    return {"algorithm": "sync", "test_acc": float(test_acc), "test_loss": float(test_loss),
+            "epochs": step / spe, "steps": step,
             "samples_per_s": step * cfg.batch_size * R / train_time if train_time else 0.0, "train_s": train_time,
             "layout": str(layout), "partition": counts, "schedule": cfg.schedule, "microbatches": n_micro,
-            "stash": stash, "p2p_bytes": traffic}
+            "stash": stash, "p2p_bytes": traffic,
+            "bytes_per_step": {"allreduce": reduced / (step * layout.workers),   # per worker rank and step
+                               "pipeline": traffic / (step * layout.workers)}}
+
+
+def evaluate_stage(runner: StageRunner, test: Loader | None, test_sizes: list[int]) -> tuple[float, float, int]:
+    """This stage's part of one pass over the test set (the loss and counts are the last stage's)."""
+    batches = test.epoch(0) if test is not None else iter([(None, None)] * len(test_sizes))
+    return runner.evaluate(batches, test_sizes)
+
+
+def trainable(layers, params) -> list:
+    """The trainable tensors of a stage, in Flat's order (buffers such as BatchNorm statistics stay local)."""
+    return [p[name] for layer, p in zip(layers, params) for name in layer.trainable]
+
+
+def fingerprint(arrays) -> int:
+    """A 64-bit fingerprint of the arrays' bytes: equal arrays, equal digests."""
+    h = hashlib.blake2b(digest_size=8)
+    for a in arrays:
+        h.update(np.ascontiguousarray(to_host(a)).tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+class ReplicasDiverged(RuntimeError):
+    """Replicas that must hold bitwise equal weights do not."""
+
+
+def check_replicas(stage_comm, arrays, step: int, poll: str = "sleep") -> None:
+    """--debug-checksum: raise on every replica of the stage if their arrays differ anywhere."""
+    if stage_comm == MPI.COMM_NULL or stage_comm.Get_size() == 1:
+        return
+    mine = np.array([fingerprint(arrays)], dtype=np.int64)
+    every = np.empty(stage_comm.Get_size(), dtype=np.int64)
+    wait(stage_comm.Iallgather(mine, every), poll, peer="replica checksums")
+    if (every != every[0]).any():
+        odd = [r for r in range(len(every)) if every[r] != every[0]]
+        raise ReplicasDiverged(f"after step {step}, replicas {odd} of this stage differ from replica 0 "
+                               "(parameter checksums)")
+
+
+def sum_over_ranks(comm, value: int) -> int:
+    """The sum of one integer over all ranks, on rank 0 (0 elsewhere)."""
+    total = np.zeros(1, dtype=np.int64)
+    comm.Reduce(np.array([value], dtype=np.int64), total, op=MPI.SUM, root=0)
+    return int(total[0])
 
 
 def gather_stash(comm, topo: Topology, runner: StageRunner) -> list[dict]:
@@ -239,10 +302,7 @@ def gather_stash(comm, topo: Topology, runner: StageRunner) -> list[dict]:
 
 def comm_bytes(comm, channel: PipeChannel | None) -> int:
     """Point-to-point bytes sent by all ranks together."""
-    sent = np.array([channel.bytes_sent if channel is not None else 0], dtype=np.int64)
-    total = np.zeros(1, dtype=np.int64)
-    comm.Reduce(sent, total, op=MPI.SUM, root=0)
-    return int(total[0])
+    return sum_over_ranks(comm, channel.bytes_sent if channel is not None else 0)
 
 
 def gather_trace(comm, tracer: Tracer, path: str) -> None:

@@ -101,7 +101,7 @@ def cnn(channels: Sequence[int] = (32, 64), hidden: int = 128, dropout: float = 
     return layers + [Linear(hidden, N_CLASSES)]
 
 
-def _basic_block(c_in: int, c_out: int, stride: int) -> Residual:
+def basic_block(c_in: int, c_out: int, stride: int) -> Residual:
     branch = [Conv2d(c_in, c_out, 3, stride=stride, pad=1), BatchNorm(c_out), ReLU(),
               Conv2d(c_out, c_out, 3, pad=1), BatchNorm(c_out)]
     shortcut = None
@@ -115,12 +115,15 @@ def resnet(channels: Sequence[int] = (16, 32, 64), blocks: int = 1) -> list[Laye
     c_in = channels[0]
     for stage, c in enumerate(channels):
         for b in range(blocks):
-            layers.append(_basic_block(c_in, c, 2 if stage > 0 and b == 0 else 1))
+            layers.append(basic_block(c_in, c, 2 if stage > 0 and b == 0 else 1))
             c_in = c
     return layers + [GlobalAvgPool(), Linear(c_in, N_CLASSES)]
 
 
 BUILDERS: dict[str, Callable[..., list[Layer]]] = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
+# Base learning rate of SGD with momentum 0.9 at batch 128 (benchmarks/reports/accuracy.md):
+# the conv net needs a smaller step than the MLP to generalize as well.
+DEFAULT_LR: dict[str, float] = {"mlp": 0.05, "cnn": 0.02, "resnet": 0.05}
 
 
 def build_model(name: str, **options) -> Model:

@@ -138,20 +138,15 @@ class DelayModel:
     @classmethod
     def parse(cls, text: str) -> "DelayModel":
         kind, _, arg = text.partition(":")
-        try:
-            if kind == "constant":
-                return cls._checked(kind, int(arg), int(arg), text)
-            if kind == "uniform":
-                low, high = (int(a) for a in arg.split(","))
-                return cls._checked(kind, low, high, text)
-        except ValueError:
-            pass
         if kind == "log" and arg:
             return cls("log", path=arg)
-        raise SimulationError(f"--delay must be constant:D, uniform:A,B or log:FILE, got {text!r}")
-
-    @classmethod
-    def _checked(cls, kind: str, low: int, high: int, text: str) -> "DelayModel":
+        try:
+            bounds = [int(a) for a in arg.split(",")]
+        except ValueError:
+            bounds = []
+        if (kind, len(bounds)) not in (("constant", 1), ("uniform", 2)):
+            raise SimulationError(f"--delay must be constant:D, uniform:A,B or log:FILE, got {text!r}")
+        low, high = bounds[0], bounds[-1]
         if not 0 <= low <= high:
             raise SimulationError(f"--delay {text}: delays must satisfy 0 <= A <= B")
         return cls(kind, low, high)
@@ -170,10 +165,7 @@ def round_robin_fetch_order(delays: DelayModel, n_workers: int, pushes: int, see
         raise SimulationError(f"--delay: with {n_workers} workers and one push in flight each, delays can "
                               f"be at most workers-1 = {n_workers - 1}")
     draw = delays.sampler(seed)
-    order = []
-    for t in range(pushes * n_workers):
-        order.append((t % n_workers, t - min(draw(), t)))
-    return order
+    return [(t % n_workers, t - min(draw(), t)) for t in range(pushes * n_workers)]
 
 
 def arrival_order(delays: DelayModel, n_workers: int, pushes: int, seed: int) -> list[tuple[int, int]]:
@@ -528,13 +520,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[SimConfig, int]:
         raise SimulationError(f"--model-options is not YAML: {' '.join(str(e).split())}") from None
     if not isinstance(options, dict):
         raise SimulationError(f"--model-options must be a mapping like '{{hidden: [32]}}', got {args.model_options!r}")
-    known = {h.name for spec in registry.ALGORITHMS.values() for h in spec.hyper}
     cfg = SimConfig(
         algorithm=args.algorithm, workers=args.workers, delay=args.delay, model=args.model,
         model_options=options, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, lr_schedule=args.lr_schedule, seed=args.seed, data=args.data, dtype=args.dtype,
         device=args.device, record=args.record, metrics=args.metrics, log_every=args.log_every,
-        progress=args.progress, hyper={k: getattr(args, k) for k in known if getattr(args, k) is not None})
+        progress=args.progress, hyper=registry.given_hyper(args))
     return cfg, args.threads
 
 

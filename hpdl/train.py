@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         return user_error(e)
     if world_size() == 1:
+        if cfg.algorithm != "sync":  # the others combine replicas: there is none here
+            return user_error(ConfigError(f"--algorithm {cfg.algorithm} combines replicas over MPI ranks: "
+                                          "run it under mpirun -np N"))
         try:
             with threadpool_limits(cfg.threads or default_threads()):
                 result = train_local(cfg, backend)
@@ -61,7 +64,9 @@ def run_mpi(cfg, backend) -> dict | None | int:
     """Train over MPI; any error on any rank ends the whole job, naming the rank."""
     from mpi4py import MPI
 
+    from .dataparallel import train_dataparallel
     from .distributed import plan_run, train_distributed
+    train = train_distributed if cfg.algorithm == "sync" else train_dataparallel
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     try:  # no communication yet: every rank reaches the same verdict, rank 0 says it once
@@ -70,7 +75,7 @@ def run_mpi(cfg, backend) -> dict | None | int:
         return user_error(e) if rank == 0 else 2
     try:
         with threadpool_limits(cfg.threads or default_threads(local_ranks(comm))):
-            return train_distributed(cfg, backend, plan, comm)
+            return train(cfg, backend, plan, comm)
     except USER_ERRORS as e:
         print(f"hpdl.train: rank {rank}: error: {e}", file=sys.stderr, flush=True)
         comm.Abort(2)

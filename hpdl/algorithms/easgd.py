@@ -1,7 +1,8 @@
 """EASGD and EAMSGD (ALGORITHMS.md §5): local replicas tied to a centre variable by an elastic force."""
 from __future__ import annotations
 
-from .base import ServerRule, WorkerRule, every
+from .avg import LocalSgdWorker
+from .base import ServerRule, every
 
 # The authors' recommendations (§5): β = N α = 0.9; τ = 100 in their launcher; EAMSGD δ = 0.99.
 BETA = 0.9
@@ -39,22 +40,13 @@ class EasgdServer(ServerRule):
         return e
 
 
-class EasgdWorker(WorkerRule):
+class EasgdWorker(LocalSgdWorker):
     """An asynchronous EASGD worker (§5): SGD steps x_i <- x_i - η g; every τ steps it sends
-    x_i and applies the elastic reply, x_i <- x_i - e."""
+    x_i (unchanged until the reply arrives: the worker waits for it) and applies the
+    elastic reply, x_i <- x_i - e."""
 
     def __init__(self, w, tau: int = TAU):
-        super().__init__(w)
-        self.tau = every(tau, "tau")
-
-    def local_step(self, w, g, lr: float) -> None:
-        w -= float(lr) * g
-
-    def should_push(self, step: int) -> bool:
-        return (step + 1) % self.tau == 0
-
-    def payload(self, w):
-        return w  # unchanged until the reply arrives: the worker waits for it
+        super().__init__(w, tau)
 
     def on_reply(self, w, e) -> None:
         w -= e

@@ -72,9 +72,9 @@ class AlgorithmSpec:
         names = {h.name for h in self.hyper}
         stray = [k for k in given if k not in names]
         if stray:
-            flags = ", ".join(h.flag for h in self.hyper) or "none"
+            takes = ", ".join(h.flag for h in self.hyper) or "no hyper-parameters"
             raise AlgorithmError(f"{'--' + stray[0].replace('_', '-')} does not apply to {self.name} "
-                                 f"(its options: {flags})")
+                                 f"(it takes {takes})")
         values = {}
         for h in self.hyper:
             if h.name in given:
@@ -154,7 +154,7 @@ def get(name: str) -> AlgorithmSpec:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per hyper-parameter name of any algorithm, defaulting to None (the
     algorithm's own default); the help lists each algorithm's default."""
-    seen: dict[str, list[tuple[str, Hyper]]] = {}
+    seen: dict[str, list[tuple[str, Hyper]]] = {}  # name -> (algorithm, its Hyper), registry order
     for spec in ALGORITHMS.values():
         for h in spec.hyper:
             seen.setdefault(h.name, []).append((spec.name, h))
@@ -169,8 +169,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(h.flag, type=h.type, default=None, metavar=name.upper(), help=text)
 
 
+def hyper_names() -> list[str]:
+    """Every hyper-parameter name of any algorithm, once, in registry order."""
+    return list(dict.fromkeys(h.name for spec in ALGORITHMS.values() for h in spec.hyper))
+
+
+def given_hyper(args: argparse.Namespace) -> dict[str, Any]:
+    """The hyper-parameter flags (from `add_arguments`) that were set on the command line."""
+    return {k: getattr(args, k) for k in hyper_names() if getattr(args, k, None) is not None}
+
+
 def hyper_from_args(name: str, args: argparse.Namespace, n_workers: int, lr: float) -> dict[str, Any]:
     """The hyper-parameters of algorithm `name` from flags added by `add_arguments`."""
-    known = {h.name for spec in ALGORITHMS.values() for h in spec.hyper}
-    given = {k: getattr(args, k) for k in known if getattr(args, k, None) is not None}
-    return get(name).resolve(given, n_workers, lr)
+    return get(name).resolve(given_hyper(args), n_workers, lr)

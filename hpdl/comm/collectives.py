@@ -35,7 +35,9 @@ class BucketAllreduce:
         for i in reversed(range(len(sizes))):
             if (offsets[hi] - offsets[i]) * itemsize >= bucket_bytes or i == 0:
                 if offsets[hi] > offsets[i]:
-                    self.buckets.append((i, slice(offsets[i], offsets[hi])))
+                    # Start at the bucket's lowest layer with parameters: backward may stop there.
+                    first = next(j for j in range(i, hi) if sizes[j])
+                    self.buckets.append((first, slice(offsets[i], offsets[hi])))
                 hi = i
         self.starts = {first: k for k, (first, _) in enumerate(self.buckets)}
         self.requests: list[MPI.Request] = []

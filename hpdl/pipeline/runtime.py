@@ -41,16 +41,22 @@ class StageRunner:
     The same object runs every schedule: a flushed schedule accumulates micro-batch
     gradients and steps once; an asynchronous one steps after every backward, with
     (pipedream) or without (pipelined-bp) the weight version its forward pass used.
+
+    A step is `optimizer.step`, or, when `update` is given, `update(flat_gradient, lr)`:
+    the hook through which an algorithm takes the stage's gradient instead (a local step
+    and a push to a parameter server, an elastic exchange...). The gradient vector is
+    zeroed after the hook returns, so the hook must copy what it keeps.
     """
 
     def __init__(self, layers: Sequence[Layer], params: list[Params], first: int, stage: int, n_stages: int,
                  schedule: str, n_micro: int, optimizer, channel: PipeChannel | None, shapes: tuple[tuple, tuple],
-                 xp, dtype, stage_comm=None, tracer: Tracer | None = None, poll: str = "sleep"):
+                 xp, dtype, stage_comm=None, tracer: Tracer | None = None, poll: str = "sleep",
+                 update: Callable[[object, float], None] | None = None):
         self.layers, self.params, self.first = layers, params, first
         self.stage, self.n_stages = stage, n_stages
         self.is_first, self.is_last = stage == 0, stage == n_stages - 1
         self.spec = SCHEDULES[schedule]
-        self.optimizer, self.channel = optimizer, channel
+        self.optimizer, self.channel, self.update = optimizer, channel, update
         self.in_shape, self.out_shape = shapes
         self.xp, self.dtype = xp, np.dtype(dtype)
         self.tracer = tracer or Tracer(0, enabled=False)
@@ -145,7 +151,10 @@ class StageRunner:
         if self.reducer is not None:
             with self.tracer.span("wait_allreduce", "comm"):
                 self.reducer.wait()
-        self.optimizer.step(self.params, self.grads.views, lr)
+        if self.update is not None:
+            self.update(self.grads.vector, lr)
+        else:
+            self.optimizer.step(self.params, self.grads.views, lr)
         self.grads.vector[...] = 0
         self.updates += 1
 

@@ -27,7 +27,8 @@ def test_buckets_sum_like_one_allreduce(bucket_bytes):
     flat = Flat(model.layers, params, np, np.float64)
     flat.vector[:] = np.arange(flat.vector.size) * (comm.rank + 1)
     reducer = BucketAllreduce(comm, flat, bucket_bytes=bucket_bytes)
-    for i in reversed(range(len(model.layers))):
+    # Backward without dx stops at the first layer with parameters (layer 1, after Flatten).
+    for i in reversed(range(1, len(model.layers))):
         reducer.layer_done(i)
     reducer.wait()
     n = comm.size
@@ -39,10 +40,12 @@ def test_buckets_sum_like_one_allreduce(bucket_bytes):
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("n_micro", [1, 3])
-def test_replicas_equal_one_process_with_the_global_batch(n_micro):
+@pytest.mark.parametrize("name, options", [("cnn", {"channels": [3, 4], "hidden": 8, "dropout": 0.0}),
+                                           ("mlp", {"hidden": [16]})])
+def test_replicas_equal_one_process_with_the_global_batch(n_micro, name, options):
     """20 sync steps over R replicas equal single-process SGD on the R-times larger batch (float64, < 1e-10)."""
     R, r = comm.size, comm.rank
-    model = build_model("cnn", channels=[3, 4], hidden=8, dropout=0.0)
+    model = build_model(name, **options)
     b = 6
     params = model.init(0, np, np.float64)
     opt = make_optimizer("sgd", model.layers, momentum=0.9, weight_decay=1e-3)

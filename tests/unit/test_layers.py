@@ -10,17 +10,9 @@ from gradcheck import assert_gradient_close, check_layer, numerical_gradient
 from hpdl.layers import (EVAL, GELU, TRAIN, BatchNorm, Conv2d, Dropout, Flatten, GlobalAvgPool,
                          LayerNorm, Linear, MaxPool2d, Mode, ReLU, Residual, accuracy, col2im,
                          im2col, softmax_cross_entropy_backward, softmax_cross_entropy_forward)
+from hpdl.models import basic_block
 
 KEY = Mode(train=True, key=(7, 3))
-
-
-def basic_block(c_in: int, c_out: int, stride: int) -> Residual:
-    branch = [Conv2d(c_in, c_out, 3, stride=stride, pad=1), BatchNorm(c_out), ReLU(),
-              Conv2d(c_out, c_out, 3, pad=1), BatchNorm(c_out)]
-    shortcut = None
-    if stride != 1 or c_in != c_out:
-        shortcut = [Conv2d(c_in, c_out, 1, stride=stride), BatchNorm(c_out)]
-    return Residual(branch, shortcut)
 
 
 # (layer, per-batch input shape, mode): every layer, in the configurations the models use
