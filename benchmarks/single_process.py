@@ -101,8 +101,18 @@ def main() -> None:
             f"{args.threads} threads, float32, median of {args.repeats} alternating repeats of "
             f"{args.steps} steps.\n\n"
             + markdown_table(["model", "hpdl samples/s", "PyTorch samples/s", "hpdl / PyTorch"], rows)
-            + "\n\n![throughput](single_process.png)\n\n" + "\n\n".join(profiles) + "\n")
+            + "\n\n![throughput](single_process.png)\n\n" + WHY + "\n\n" + "\n\n".join(profiles) + "\n")
     print(write_report("single_process", "Single process: hpdl vs PyTorch CPU", body, {"samples_per_s": data}))
+
+
+WHY = """Where the time goes (per-layer tables below). The mlp is three matrix products per pass
+and NumPy hands them straight to OpenBLAS in float32; hpdl also skips the input gradient of
+the first layer, so it matches or beats PyTorch. The cnn falls short: a convolution here is
+im2col + one GEMM, which materializes the (C k k, N Ho Wo) patch matrix, and a transpose
+between NCHW and the GEMM's channel-major layout on the way in and out (and col2im's
+strided adds in backward), where PyTorch's oneDNN kernels convolve in place with blocked
+layouts; max-pooling, ReLU and dropout are several NumPy passes with temporaries each, where
+PyTorch fuses them. The conv layers' backward (dW and col2im) is the largest single cost."""
 
 
 def plot(data: dict) -> None:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpdl.layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU
+from hpdl.layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from hpdl.models import Model
 
 
@@ -29,6 +29,8 @@ def torch_model(model: Model, params: list[dict]) -> nn.Sequential:
             m = nn.MaxPool2d(layer.k, layer.stride)
         elif isinstance(layer, Flatten):
             m = nn.Flatten()
+        elif isinstance(layer, Dropout):
+            m = nn.Dropout(layer.p)
         else:
             raise ValueError(f"no PyTorch twin for {type(layer).__name__}")
         mods.append(m)
