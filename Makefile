@@ -35,7 +35,7 @@ run: $(VENV)/.installed $(DATA)
 test: test-unit test-mpi
 
 test-unit: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/mpi
 
 test-mpi: $(VENV)/.installed
 	$(MPI_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIRUN) -n 2 $(PY) -m pytest --with-mpi -q -p no:cacheprovider tests/mpi
