@@ -68,6 +68,22 @@ def waitall(requests: Sequence[MPI.Request], poll: str = "sleep", *, timeout: fl
         _poll(lambda: MPI.Request.Testall(requests, statuses), poll, timeout, peer, None)
 
 
+def waitany(requests: list[MPI.Request], status: MPI.Status, poll: str = "sleep", *,
+            timeout: float | None = None, peer: object = None) -> int:
+    """Index of a completed request (at least one must be active); after `timeout` seconds raise CommTimeout."""
+    _check(poll)
+    found: list[int] = []
+
+    def done() -> bool:
+        index, flag = MPI.Request.Testany(requests, status)
+        if flag:
+            found.append(index)
+        return flag
+
+    _poll(done, poll, timeout, peer, None)
+    return found[0]
+
+
 def allreduce(comm: MPI.Comm, sendbuf, recvbuf=None, op: MPI.Op = MPI.SUM, poll: str = "sleep",
               timeout: float | None = None):
     """Reduce over comm with Iallreduce and `wait`; in place when recvbuf is None. Returns the result.

@@ -7,7 +7,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..algorithms.base import ServerRule
-from ..comm.wait import _poll, wait, waitall
+from ..comm.wait import wait, waitall, waitany
 from ..delaylog import DelayLog
 from ..trace import Tracer
 from .messages import DONE, FETCH, PUSH, Message
@@ -113,7 +113,7 @@ def serve(servers: Sequence[ShardServer], poll: str = "sleep", tracer: Tracer | 
     requests = [srv.post(m) for srv, m in owners]
     active, status = len(requests), MPI.Status()
     while active:
-        i = waitany(requests, status, poll)
+        i = waitany(requests, status, poll, peer="parameter-server workers")
         srv, m = owners[i]
         with tracer.span("apply", "ps", stage=srv.shard.stage, shard=srv.shard.index, worker=m):
             more = srv.handle(m, status)
@@ -123,16 +123,3 @@ def serve(servers: Sequence[ShardServer], poll: str = "sleep", tracer: Tracer | 
             requests[i] = MPI.REQUEST_NULL
             active -= 1
 
-
-def waitany(requests: list[MPI.Request], status: MPI.Status, poll: str = "sleep") -> int:
-    """Index of a completed request (at least one must be active), polling as hpdl.comm.wait does."""
-    found: list[int] = []
-
-    def done() -> bool:
-        index, flag = MPI.Request.Testany(requests, status)
-        if flag:
-            found.append(index)
-        return flag
-
-    _poll(done, poll, None, "parameter-server workers", MESSAGE_TAG)
-    return found[0]
