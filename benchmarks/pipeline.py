@@ -39,6 +39,16 @@ def busy_fractions(trace: Path) -> list[float]:
     return fractions
 
 
+def window(trace: Path, steps: int, first: int, count: int) -> list[dict]:
+    """The events of mini-batches first..first+count-1 (by time share of the run), with the metadata."""
+    events = json.loads(trace.read_text())["traceEvents"]
+    spans = [e for e in events if e.get("ph") == "X"]
+    t0 = min(e["ts"] for e in spans)
+    length = (max(e["ts"] + e["dur"] for e in spans) - t0) / steps
+    lo, hi = t0 + first * length, t0 + (first + count) * length
+    return [e for e in events if e.get("ph") != "X" or lo <= e["ts"] < hi]
+
+
 def bound(schedule: str, P: int, M: int) -> float:
     """Analytic pipeline efficiency: M/(M+P-1) with a flush every mini-batch, about 1 without."""
     return M / (M + P - 1) if SCHEDULES[schedule].flush else 1.0
@@ -71,8 +81,8 @@ def throughput(args) -> tuple[list[list], dict]:
             raw["runs"].append({"stages": P, "schedule": name, "result": res, "busy": busy, "bound": eff})
             print(rows[-1], flush=True)
             if P == max(args.stages) and name in ("gpipe", "1f1b"):
-                gantt(trace, REPORTS / f"pipeline_timeline_P{P}_{name}.png",
-                      f"{name}, P={P}, M={args.microbatches}, {args.model}")
+                gantt(window(trace, args.steps, args.steps // 2, 2), REPORTS / f"pipeline_timeline_P{P}_{name}.png",
+                      f"{name}, P={P}, M={args.microbatches}, {args.model}: two mini-batches mid-run")
             if not (P == max(args.stages) and name in ("gpipe", "1f1b")):
                 trace.unlink()
     return rows, raw
@@ -129,7 +139,7 @@ products run at this lower rate, a loss the bound does not count.
 {markdown_table(["P", "schedule", "samples/s", "bound", "busy per stage", "ratio to ideal",
                  "stash MiB per stage", "peak stash MiB"], t_rows)}
 
-Timelines (P = {P}, forward blue, backward orange; gaps are the bubble and waits):
+Timelines (P = {P}, two mini-batches from the middle of the run; recv bars include the time spent waiting for the message):
 
 ![gpipe](pipeline_timeline_P{P}_gpipe.png)
 
