@@ -5,7 +5,6 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from benchmarks.common import REPORTS, markdown_table, write_report
 

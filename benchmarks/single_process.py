@@ -13,7 +13,7 @@ from benchmarks.common import REPORTS, alternate, markdown_table, median, write_
 from benchmarks.torch_models import torch_model
 from hpdl.data import Loader
 from hpdl.layers import EVAL
-from hpdl.models import backward, build_model, forward
+from hpdl.models import build_model
 from hpdl.optim import make_optimizer
 from hpdl.trainer import loss_and_grads
 

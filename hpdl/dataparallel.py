@@ -49,6 +49,7 @@ from .distributed import (
     FAULT_ENV,
     Batches,
     Plan,
+    announce,
     check_replicas,
     evaluate_stage,
     gather_trace,
@@ -60,7 +61,7 @@ from .hogwild import SharedVector
 from .metrics import Metrics, progress
 from .optim import make_schedule
 from .pipeline import microbatch
-from .pipeline.partition import describe, flop_costs, stage_bounds
+from .pipeline.partition import stage_bounds
 from .pipeline.runtime import Feed, StageRunner, stage_shapes
 from .pipeline.schedules import SCHEDULES
 from .ps.client import PsClient
@@ -69,6 +70,7 @@ from .ps.server import ShardServer, serve
 from .ps.shards import stage_servers, stage_shards
 from .simulate import worker_key
 from .trace import Tracer
+from .trainer import test_loader, total_steps
 
 # Test hook for workers of different speeds: "RANK:SECONDS,..." makes those ranks sleep
 # that long after every local update.
@@ -115,8 +117,7 @@ class Shape:
     @classmethod
     def of(cls, cfg: Config, plan: Plan, flush: bool) -> "Shape":
         spe = plan.n_train // (cfg.batch_size * plan.layout.replicas)
-        total = cfg.epochs * spe if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * spe)
-        return cls(total, spe, 1 if flush else plan.n_micro)
+        return cls(total_steps(cfg, spe), spe, 1 if flush else plan.n_micro)
 
 
 # ---------------------------------------------------------------------------------------
@@ -352,8 +353,8 @@ def run_worker(cfg: Config, backend: Backend, plan: Plan, algo: Algorithm, topo:
     digest = bytes(32)
     if m == 0:  # replica 0 of every stage evaluates the trained weights, through the pipeline
         w[...] = xp.asarray(final)
-        test = Loader(cfg.data, "test", 1000, shuffle=False, drop_last=False, xp=xp, dtype=dtype) if has_data else None
-        loss_sum, correct, n = evaluate_stage(runner, test, test_sizes(plan.n_test))
+        test = test_loader(cfg, xp, dtype) if has_data else None
+        loss_sum, correct, n = evaluate_stage(runner, test, plan.n_test)
         if runner.is_last:
             figures |= {"test_loss": loss_sum / n, "test_acc": correct / n}
             hook.metrics.write(kind="eval", step=shape.steps, epoch=shape.steps / shape.steps_per_epoch,
@@ -420,10 +421,6 @@ class EpochBatches:
         return self.batches.part(k, mb, which)
 
 
-def test_sizes(n_test: int) -> list[int]:
-    return [min(1000, n_test - i) for i in range(0, n_test, 1000)]
-
-
 # ---------------------------------------------------------------------------------------
 # the run and its RESULT
 
@@ -443,10 +440,8 @@ def train_dataparallel(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_
     shape = Shape.of(cfg, plan, SCHEDULES[algo.schedule].flush)
     if rank == 0:
         hyper = ", ".join(f"{k} {v}" for k, v in algo.hyper.items())
-        print(f"layout: {layout}; algorithm {algo.name}{f' ({hyper})' if hyper else ''}; schedule {algo.schedule}, "
-              f"{plan.n_micro} micro-batches", flush=True)
-        print(describe(counts, plan.model, flop_costs(plan.model)), flush=True)
-        print(topo.describe(), flush=True)
+        announce(f"layout: {layout}; algorithm {algo.name}{f' ({hyper})' if hyper else ''}; "
+                 f"schedule {algo.schedule}, {plan.n_micro} micro-batches", counts, plan.model, topo)
     tracer = Tracer(rank, enabled=bool(cfg.trace))
     wait(comm.Ibarrier(), cfg.poll, peer="start")
     if topo.is_ps:

@@ -18,13 +18,14 @@ from .config import Config, ConfigError
 from .data import Loader, split_size
 from .metrics import Metrics, progress
 from .models import Model, build_model
-from .optim import make_optimizer, make_schedule
+from .optim import make_schedule
 from .pipeline import microbatch
 from .pipeline.partition import balance, describe, flop_costs, parse_partition, profile_costs, stage_bounds
 from .pipeline.runtime import Feed, StageRunner, stage_shapes
 from .pipeline.schedules import SCHEDULES
 from .ps.pipelined import PIPELINED
 from .trace import Tracer, from_bytes, to_bytes, write_trace
+from .trainer import EVAL_BATCH, make_run_optimizer, test_loader, total_steps
 
 RESULT_TAG = 0x4844  # "HD": the final figures, last stage -> rank 0
 # Fault injection for the tests of job-wide failure: "RANK:EPOCH" raises on that rank when
@@ -128,36 +129,29 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
     topo = Topology.create(comm, layout)
     counts = partition(cfg, model, layout.stages, n_micro, comm)
     if rank == 0:
-        print(f"layout: {layout}; schedule {cfg.schedule}, {n_micro} micro-batches of "
-              f"{cfg.batch_size // n_micro}-{-(-cfg.batch_size // n_micro)} samples", flush=True)
-        print(describe(counts, model, flop_costs(model)), flush=True)
-        print(topo.describe(), flush=True)
+        announce(f"layout: {layout}; schedule {cfg.schedule}, {n_micro} micro-batches of "
+                 f"{cfg.batch_size // n_micro}-{-(-cfg.batch_size // n_micro)} samples", counts, model, topo)
 
     s, P, R = topo.stage, layout.stages, layout.replicas
     start, stop = stage_bounds(counts)[s]
     xp, dtype = backend.xp, backend.dtype
     layers = model.layers[start:stop]
     params = model.init(cfg.seed, xp, dtype, start, stop)
-    opt_kw = {"weight_decay": cfg.weight_decay}
-    if cfg.optimizer == "sgd":
-        opt_kw |= {"momentum": cfg.momentum, "nesterov": cfg.nesterov}
     tracer = Tracer(rank, enabled=bool(cfg.trace))
     tracer.set_name(f"stage {s} / replica {topo.replica}")
     channel = PipeChannel(topo.pipe, s, P) if P > 1 else None
     # Asynchronous schedules run an epoch's micro-batches as one stream: size the stash for it.
     stream = n_micro if SCHEDULES[cfg.schedule].flush else max(n_micro, P)
-    runner = StageRunner(layers, params, start, s, P, cfg.schedule, stream, make_optimizer(cfg.optimizer, layers, **opt_kw),
+    runner = StageRunner(layers, params, start, s, P, cfg.schedule, stream, make_run_optimizer(cfg, layers),
                          channel, stage_shapes(model.shapes(), (start, stop)), xp, dtype,
                          stage_comm=topo.stage_comm, tracer=tracer, poll=cfg.poll)
     has_data = runner.is_first or runner.is_last
     train = Loader(cfg.data, "train", cfg.batch_size, replica=topo.replica, replicas=R, seed=cfg.seed,
                    xp=xp, dtype=dtype) if has_data else None
-    test = Loader(cfg.data, "test", 1000, shuffle=False, drop_last=False, xp=xp, dtype=dtype) \
-        if has_data and topo.replica == 0 else None
-    test_sizes = [min(1000, n_test - i) for i in range(0, n_test, 1000)]
+    test = test_loader(cfg, xp, dtype) if has_data and topo.replica == 0 else None
 
     spe = n_train // (cfg.batch_size * R)
-    total = cfg.epochs * spe if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * spe)
+    total = total_steps(cfg, spe)
     sched = make_schedule(cfg.lr_schedule, cfg.lr, total, warmup_steps=cfg.warmup_steps)
     spec = SCHEDULES[cfg.schedule]
     reporter = runner.is_last and topo.replica == 0
@@ -214,7 +208,7 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
         backend.synchronize()
         train_time += time.perf_counter() - t0
         if topo.replica == 0:
-            loss_sum, correct, n = evaluate_stage(runner, test, test_sizes)
+            loss_sum, correct, n = evaluate_stage(runner, test, n_test)
             if reporter:
                 last_eval = (loss_sum / n, correct / n)
                 metrics.write(kind="eval", step=step, epoch=epoch + 1, test_loss=last_eval[0], test_acc=last_eval[1])
@@ -244,10 +238,18 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
                                "pipeline": traffic / (step * layout.workers)}}
 
 
-def evaluate_stage(runner: StageRunner, test: Loader | None, test_sizes: list[int]) -> tuple[float, float, int]:
+def evaluate_stage(runner: StageRunner, test: Loader | None, n_test: int) -> tuple[float, float, int]:
     """This stage's part of one pass over the test set (the loss and counts are the last stage's)."""
-    batches = test.epoch(0) if test is not None else iter([(None, None)] * len(test_sizes))
-    return runner.evaluate(batches, test_sizes)
+    sizes = [min(EVAL_BATCH, n_test - i) for i in range(0, n_test, EVAL_BATCH)]
+    batches = test.epoch(0) if test is not None else iter([(None, None)] * len(sizes))
+    return runner.evaluate(batches, sizes)
+
+
+def announce(first_line: str, counts: list[int], model: Model, topo: Topology) -> None:
+    """What rank 0 prints at start-up: the layout, the partition, and which rank is what."""
+    print(first_line, flush=True)
+    print(describe(counts, model, flop_costs(model)), flush=True)
+    print(topo.describe(), flush=True)
 
 
 def trainable(layers, params) -> list:

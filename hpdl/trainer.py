@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from .backend import Backend, to_host
 from .checkpoint import latest_checkpoint, load_checkpoint, load_into, prune, save_checkpoint
@@ -17,6 +16,29 @@ from .layers.base import Params
 from .metrics import Metrics, progress
 from .models import Model, backward, build_model, forward
 from .optim import make_optimizer, make_schedule
+
+
+# Test-set batches: large, since evaluation keeps no caches.
+EVAL_BATCH = 1000
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """Updates in the run: --epochs of them, cut at --max-steps when given."""
+    total = cfg.epochs * steps_per_epoch
+    return min(cfg.max_steps, total) if cfg.max_steps else total
+
+
+def make_run_optimizer(cfg: Config, layers: Sequence[Layer]):
+    """The optimizer the run's options name, over `layers` (a model or one stage of it)."""
+    kw = {"weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "sgd":
+        kw |= {"momentum": cfg.momentum, "nesterov": cfg.nesterov}
+    return make_optimizer(cfg.optimizer, layers, **kw)
+
+
+def test_loader(cfg: Config, xp, dtype) -> Loader:
+    """The test split in order, every sample once."""
+    return Loader(cfg.data, "test", EVAL_BATCH, shuffle=False, drop_last=False, xp=xp, dtype=dtype)
 
 
 def loss_and_grads(layers: Sequence[Layer], params: Sequence[Params], x, y, key: tuple[int, ...]):
@@ -62,16 +84,11 @@ class Run:
         xp, dtype = backend.xp, backend.dtype
         train = Loader(cfg.data, "train", cfg.batch_size, replica=replica, replicas=replicas,
                        seed=cfg.seed, xp=xp, dtype=dtype)
-        test = Loader(cfg.data, "test", 1000, shuffle=False, drop_last=False, xp=xp, dtype=dtype)
         spe = len(train)
-        total = cfg.epochs * spe if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * spe)
-        opt_kw = {"weight_decay": cfg.weight_decay}
-        if cfg.optimizer == "sgd":
-            opt_kw |= {"momentum": cfg.momentum, "nesterov": cfg.nesterov}
-        return cls(cfg, backend, model, model.init(cfg.seed, xp, dtype),
-                   make_optimizer(cfg.optimizer, model.layers, **opt_kw),
+        total = total_steps(cfg, spe)
+        return cls(cfg, backend, model, model.init(cfg.seed, xp, dtype), make_run_optimizer(cfg, model.layers),
                    make_schedule(cfg.lr_schedule, cfg.lr, total, warmup_steps=cfg.warmup_steps),
-                   train, test, spe, total)
+                   train, test_loader(cfg, xp, dtype), spe, total)
 
     # -- checkpoints: parameters, optimizer state and the step; the loader and dropout
     #    positions follow from the step, so a resumed run repeats the same batches.

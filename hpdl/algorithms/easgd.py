@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .avg import LocalSgdWorker
-from .base import ServerRule, every
+from .base import ServerRule
 
 # The authors' recommendations (§5): β = N α = 0.9; τ = 100 in their launcher; EAMSGD δ = 0.99.
 BETA = 0.9

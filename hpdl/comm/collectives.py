@@ -1,7 +1,6 @@
 """Gradient allreduce in buckets, started during backward as soon as a bucket's layers are done."""
 from __future__ import annotations
 
-from typing import Sequence
 
 import numpy as np
 from mpi4py import MPI
