@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,15 @@ import yaml
 
 from .algorithms import registry
 from .algorithms.registry import AlgorithmError
-from .models import DEFAULT_LR
+from .models import DEFAULT_LR, build_model
 from .ps.pipelined import NAMES, PIPELINED, base_spec
+
+
+LAMB_LR = 1e-3  # You et al. 2019's default; the models' defaults are SGD rates
+
+
+MAX_THREADS = 4096  # BLAS libraries take an int; beyond any node's cores anyway
+MAX_FLOPS = 1e12    # forward FLOPs per sample of the largest model the options may build
 
 
 class ConfigError(ValueError):
@@ -39,12 +47,20 @@ class Config:
     max_steps: int = opt(0, "stop after this many updates (0: no limit)")
     batch_size: int = opt(128, "samples per update (per replica)")
     optimizer: str = opt("sgd", "update rule", ("sgd", "adamw"))
-    lr: float = opt(0.0, "base learning rate (0: the model's default: mlp 0.05, cnn 0.02, resnet 0.05)")
+    lr: float = opt(0.0, "base learning rate (0: the model's default: mlp 0.05, cnn 0.02, resnet 0.05; "
+                    "0.001 with --lr-method lamb)")
     lr_schedule: str = opt("cosine", "learning-rate decay", ("constant", "step", "cosine"))
     warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(False, "Nesterov momentum")
     weight_decay: float = opt(5e-4, "L2 weight decay (decoupled for adamw)")
+    accumulate: int = opt(1, "micro-batch gradients each replica sums per update (gradient accumulation)")
+    lr_method: str = opt("none", "large-batch learning rate: linear scaling + warm-up, LARS, LAMB, AdaScale "
+                         "or LENA, for S = replicas x accumulate micro-batches per update (--warmup-steps "
+                         "sets the warm-up)", ("none", "lsw", "lars", "lamb", "adascale", "lena"))
+    trust_coefficient: float = opt(0.001, "LARS trust coefficient eta")
+    gain_smoothing: float = opt(0.0, "weight of each new value in the gain ratios' moving averages "
+                                "(adascale, lena; 0: S/1000 as in their papers)")
     seed: int = opt(0, "seed of initialization, shuffling and dropout")
     # execution
     device: str = opt("cpu", "array backend", ("cpu", "gpu", "auto"))
@@ -63,6 +79,8 @@ class Config:
                       "python -m hpdl.simulate --delay log:FILE")
     debug_checksum: int = opt(0, "every N synchronisations check that the replicas' weights are bitwise "
                               "equal (allreduce algorithms; 0: off)")
+    on_nonfinite: str = opt("stop", "on a NaN or Inf gradient: 'stop' the run naming the step and layer, "
+                            "or 'skip' that update", ("stop", "skip"))
     partition: str = opt("auto", "layers per stage: 'auto' (timed profile), 'flops', or counts like 4,3,3")
     schedule: str = opt("1f1b", "pipeline schedule", ("gpipe", "1f1b", "pipedream", "pipelined-bp"))
     microbatches: int = opt(0, "micro-batches per mini-batch (0: 2 x stages, 1 for one stage)")
@@ -76,6 +94,7 @@ class Config:
     keep_checkpoints: int = opt(3, "how many recent checkpoints to keep")
     resume: bool = opt(False, "continue from the newest checkpoint in --checkpoint-dir")
     log_every: int = opt(50, "write a metrics line every N steps")
+    eval_every: int = opt(0, "also evaluate on the test set every N steps (single process; 0: epoch ends only)")
     progress: bool = opt(True, "progress bar on rank 0")
 
     def to_dict(self) -> dict:
@@ -122,18 +141,59 @@ def _check_type(name: str, value: Any, default: Any, source: str) -> Any:
 
 def load_yaml(path: str) -> dict:
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
+    try:  # bytes: the YAML reader detects UTF-8/16 and refuses binary data as a YAMLError
+        data = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of options, got {type(data).__name__}")
     return data
+
+
+def _check_model(cfg: Config) -> None:
+    """The model the options build has positive layer shapes and a trainable size."""
+    try:
+        model = build_model(cfg.model, **cfg.model_options)
+        shapes = model.shapes()
+        flops = sum(model.flops())
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise ConfigError(f"model_options {cfg.model_options}: {e}") from None
+    bad = next((s for s in shapes if not all(isinstance(d, int) and d > 0 for d in s)), None)
+    if bad is not None:
+        raise ConfigError(f"model_options {cfg.model_options}: gives a layer of shape {bad}; "
+                          "sizes must be positive integers")
+    # A layer has no more parameters than FLOPs per sample: the bound keeps NumPy from being
+    # asked for arrays past any address space (its error would be a traceback, not a message).
+    if flops > MAX_FLOPS:
+        raise ConfigError(f"model_options {cfg.model_options}: the model takes {flops:.3g} FLOPs per sample, "
+                          f"more than {MAX_FLOPS:.0e}: too large to train")
+
+
+def _check_outputs(cfg: Config) -> None:
+    """Output paths that cannot be written fail now, not after training."""
+    for name in ("metrics", "trace", "record"):
+        value = getattr(cfg, name)
+        if value and Path(value).is_dir():
+            raise ConfigError(f"--{name} {value}: is a directory; give a file name")
+        if value and (blocker := _blocked(Path(value).parent)):
+            raise ConfigError(f"--{name} {value}: cannot be created, {blocker} is not a directory")
+    if cfg.checkpoint_dir and (blocker := _blocked(Path(cfg.checkpoint_dir))):
+        raise ConfigError(f"--checkpoint-dir {cfg.checkpoint_dir}: {blocker} is not a directory")
+
+
+def _blocked(directory: Path) -> Path | None:
+    """The first of `directory` and its parents that exists but is no directory, if any."""
+    for p in (directory, *directory.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
 
 
 def make_config(argv: list[str] | None = None) -> Config:
@@ -150,20 +210,22 @@ def make_config(argv: list[str] | None = None) -> Config:
     defaults = Config()
     names = {f.name for f in _fields()}
     if args.get("config"):
-        for key, value in load_yaml(args.pop("config")).items():
+        path = args.pop("config")
+        hyper_types = {h.name: h.type for spec in registry.ALGORITHMS.values() for h in spec.hyper}
+        for key, value in load_yaml(path).items():
             key = str(key).replace("-", "_")
             if key in hyper_names:
-                hyper[key] = value
+                hyper[key] = _check_type(key, value, hyper_types[key](), path)
             elif key not in names:
-                raise ConfigError(f"{args.get('config', 'config')}: unknown option {key!r}")
+                raise ConfigError(f"{path}: unknown option {key!r}")
             else:
-                values[key] = _check_type(key, value, getattr(defaults, key), "config")
+                values[key] = _check_type(key, value, getattr(defaults, key), path)
     args.pop("config", None)
     values.update(args)
     values["hyper"] = {**values.get("hyper", {}), **hyper, **registry.given_hyper(parsed)}
     cfg = Config(**values)
     if cfg.lr == 0 and cfg.model in DEFAULT_LR:
-        cfg.lr = DEFAULT_LR[cfg.model]
+        cfg.lr = LAMB_LR if cfg.lr_method == "lamb" else DEFAULT_LR[cfg.model]
     validate(cfg)
     return cfg
 
@@ -173,22 +235,37 @@ def validate(cfg: Config) -> None:
         choices = f.metadata["choices"]
         if choices and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(cfg, f.name)!r}")
-    positive = ("batch_size", "epochs", "log_every", "keep_checkpoints")
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
+    positive = ("batch_size", "epochs", "log_every", "keep_checkpoints", "accumulate")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("max_steps", "warmup_steps", "checkpoint_every", "threads", "weight_decay", "stages",
-                 "replicas", "ps", "microbatches"):
+    for name in ("max_steps", "warmup_steps", "eval_every", "checkpoint_every", "threads", "weight_decay", "stages",
+                 "seed", "replicas", "ps", "microbatches"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise ConfigError(f"lr must be positive, got {cfg.lr}")
     if not 0 <= cfg.momentum < 1:
         raise ConfigError(f"momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.nesterov and cfg.momentum == 0 and cfg.optimizer == "sgd":
+        raise ConfigError("--nesterov needs --momentum above 0")
+    if cfg.threads > MAX_THREADS:
+        raise ConfigError(f"threads must be at most {MAX_THREADS}, got {cfg.threads}")
+    if cfg.lr_method in ("lars", "lamb") and cfg.optimizer != "sgd":
+        raise ConfigError(f"--lr-method {cfg.lr_method} is its own update rule: leave --optimizer at sgd")
+    if not 0 <= cfg.gain_smoothing <= 1:
+        raise ConfigError(f"gain_smoothing must be in [0, 1], got {cfg.gain_smoothing}")
+    if not cfg.trust_coefficient > 0:
+        raise ConfigError(f"trust_coefficient must be positive, got {cfg.trust_coefficient}")
     if cfg.resume and not cfg.checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir")
     if not isinstance(cfg.model_options, dict):
         raise ConfigError("model_options must be a mapping")
+    _check_model(cfg)
+    _check_outputs(cfg)
     if cfg.debug_checksum < 0:
         raise ConfigError(f"debug_checksum must not be negative, got {cfg.debug_checksum}")
     validate_algorithm(cfg)

@@ -19,13 +19,14 @@ from .data import Loader, split_size
 from .metrics import Metrics, progress
 from .models import Model, build_model
 from .optim import make_schedule
+from .optim.largebatch import GAIN_METHODS
 from .pipeline import microbatch
 from .pipeline.partition import balance, describe, flop_costs, parse_partition, profile_costs, stage_bounds
 from .pipeline.runtime import Feed, StageRunner, stage_shapes
 from .pipeline.schedules import SCHEDULES
 from .ps.pipelined import PIPELINED
 from .trace import Tracer, from_bytes, to_bytes, write_trace
-from .trainer import EVAL_BATCH, make_run_optimizer, test_loader, total_steps
+from .trainer import EVAL_BATCH, lr_record, make_run_lr_method, make_run_optimizer, test_loader, total_steps
 
 RESULT_TAG = 0x4844  # "HD": the final figures, last stage -> rank 0
 # Fault injection for the tests of job-wide failure: "RANK:EPOCH" raises on that rank when
@@ -54,14 +55,16 @@ def plan_run(cfg: Config, world: int) -> Plan:
     """Model, layout and data sizes; raises a user error (identically on every rank) on a misfit."""
     if cfg.checkpoint_dir:
         raise ConfigError("--checkpoint-dir: checkpoints of multi-rank runs are not implemented yet")
+    if cfg.eval_every:
+        raise ConfigError("--eval-every: multi-rank runs evaluate at epoch ends only")
     model = build_model(cfg.model, **cfg.model_options)
     layout, n_micro = plan_layout(cfg, model, world)
     if cfg.partition not in ("auto", "flops"):
         partition(cfg, model, layout.stages, n_micro, None)
     n_train = split_size(cfg.data, "train")
-    if n_train < cfg.batch_size * layout.replicas:
-        raise ConfigError(f"--batch-size {cfg.batch_size} x {layout.replicas} replicas exceeds the "
-                          f"{n_train} training samples")
+    if n_train < cfg.batch_size * layout.replicas * cfg.accumulate:
+        raise ConfigError(f"--batch-size {cfg.batch_size} x {layout.replicas} replicas x --accumulate "
+                          f"{cfg.accumulate} exceeds the {n_train} training samples")
     return Plan(model, layout, n_micro, n_train, split_size(cfg.data, "test"))
 
 
@@ -76,7 +79,19 @@ def plan_layout(cfg: Config, model: Model, world: int):
     n_micro = cfg.microbatches or (1 if layout.stages == 1 else min(cfg.batch_size, 2 * layout.stages))
     if not 1 <= n_micro <= cfg.batch_size:
         raise ConfigError(f"--microbatches must be between 1 and --batch-size {cfg.batch_size}, got {n_micro}")
+    check_large_batch(cfg, layout, n_micro)
     return layout, n_micro
+
+
+def check_large_batch(cfg: Config, layout: Layout, n_micro: int) -> None:
+    """Where gradient accumulation and the large-batch learning-rate methods apply."""
+    if (cfg.accumulate > 1 or cfg.lr_method != "none") and \
+            (cfg.algorithm != "sync" or not SCHEDULES[cfg.schedule].flush):
+        raise ConfigError("--accumulate and --lr-method shape the updates of synchronous data parallelism: "
+                          "use --algorithm sync with --schedule gpipe or 1f1b")
+    if cfg.lr_method in GAIN_METHODS and (layout.stages, n_micro) != (1, 1):
+        raise ConfigError(f"--lr-method {cfg.lr_method} compares whole-model gradients of --batch-size "
+                          f"samples each: use --stages 1 --microbatches 1")
 
 
 def check_algorithm_layout(cfg: Config, layout: Layout) -> None:
@@ -140,27 +155,31 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
     tracer = Tracer(rank, enabled=bool(cfg.trace))
     tracer.set_name(f"stage {s} / replica {topo.replica}")
     channel = PipeChannel(topo.pipe, s, P) if P > 1 else None
+    # An update runs I = --accumulate mini-batches of n_micro micro-batches through the pipeline.
     # Asynchronous schedules run an epoch's micro-batches as one stream: size the stash for it.
-    stream = n_micro if SCHEDULES[cfg.schedule].flush else max(n_micro, P)
+    I = cfg.accumulate
+    stream = n_micro * I if SCHEDULES[cfg.schedule].flush else max(n_micro, P)
+    spe = n_train // (cfg.batch_size * R * I)
+    total = total_steps(cfg, spe)
+    method = make_run_lr_method(cfg, layers, R, total) if cfg.lr_method != "none" else None
     runner = StageRunner(layers, params, start, s, P, cfg.schedule, stream, make_run_optimizer(cfg, layers),
                          channel, stage_shapes(model.shapes(), (start, stop)), xp, dtype,
-                         stage_comm=topo.stage_comm, tracer=tracer, poll=cfg.poll)
+                         stage_comm=topo.stage_comm, tracer=tracer, poll=cfg.poll, lr_method=method)
     has_data = runner.is_first or runner.is_last
     train = Loader(cfg.data, "train", cfg.batch_size, replica=topo.replica, replicas=R, seed=cfg.seed,
                    xp=xp, dtype=dtype) if has_data else None
     test = test_loader(cfg, xp, dtype) if has_data and topo.replica == 0 else None
 
-    spe = n_train // (cfg.batch_size * R)
-    total = total_steps(cfg, spe)
     sched = make_schedule(cfg.lr_schedule, cfg.lr, total, warmup_steps=cfg.warmup_steps)
     spec = SCHEDULES[cfg.schedule]
     reporter = runner.is_last and topo.replica == 0
     metrics = Metrics(cfg.metrics, enabled=reporter)
     bar = progress(total, 0, cfg.progress and rank == 0)
     sizes = microbatch.sizes(cfg.batch_size, n_micro)
-    # Flushed: each micro-batch's loss weighs b_i / (R B), so the sum is the global mean.
+    # Flushed: each micro-batch's loss weighs b_i / (R B I), so the sum is the global mean.
     # Asynchronous: every micro-batch is its own update of its mean loss.
-    weights = microbatch.loss_weights(cfg.batch_size, n_micro, R) if spec.flush else [1.0 / R] * n_micro
+    weights = [w / I for w in microbatch.loss_weights(cfg.batch_size, n_micro, R)] if spec.flush \
+        else [1.0 / R] * n_micro
 
     step, train_time, last_eval = 0, 0.0, (float("nan"), float("nan"))
     fail_at = injected_fault(rank)
@@ -174,13 +193,16 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
         runner.loss_sum = 0.0
         if spec.flush:
             for k in range(steps_now):
-                src = Batches(train, epoch, k, n_micro)
+                src = Batches(train, epoch, k * I, n_micro)
                 g = epoch * spe + k
-                runner.run(spec.generator(s, P, n_micro), Feed(
-                    x=lambda mb: src.part(k, mb, 0), y=lambda mb: src.part(k, mb, 1),
-                    weight=lambda mb: weights[mb], size=lambda mb: sizes[mb],
+                runner.run(spec.generator(s, P, n_micro * I), Feed(
+                    x=lambda mb: src.part(k * I + mb // n_micro, mb % n_micro, 0),
+                    y=lambda mb: src.part(k * I + mb // n_micro, mb % n_micro, 1),
+                    weight=lambda mb: weights[mb % n_micro], size=lambda mb: sizes[mb % n_micro],
                     key=lambda mb: (cfg.seed, g, mb), lr=lambda mb: sched(g)))
                 bar.update()
+                if reporter and method is not None:
+                    metrics.write(kind="lr", step=g + 1, **lr_record(layers, method, runner.optimizer, start))
                 if cfg.debug_checksum and (g + 1) % cfg.debug_checksum == 0:
                     check_replicas(topo.stage_comm, trainable(layers, params), g + 1, cfg.poll)
                 if reporter and (g + 1) % cfg.log_every == 0:
@@ -231,7 +253,8 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
     test_loss, test_acc = figures[0], figures[1]
     return {"algorithm": "sync", "test_acc": float(test_acc), "test_loss": float(test_loss),
             "epochs": step / spe, "steps": step,
-            "samples_per_s": step * cfg.batch_size * R / train_time if train_time else 0.0, "train_s": train_time,
+            "samples_per_s": step * cfg.batch_size * R * I / train_time if train_time else 0.0,
+            "train_s": train_time,
             "layout": str(layout), "partition": counts, "schedule": cfg.schedule, "microbatches": n_micro,
             "stash": stash, "p2p_bytes": traffic,
             "bytes_per_step": {"allreduce": reduced / (step * layout.workers),   # per worker rank and step

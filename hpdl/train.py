@@ -6,6 +6,7 @@ import sys
 import time
 import traceback
 
+import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .backend import Backend, BackendError
@@ -13,9 +14,17 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, make_config
 from .data import DataError
 from .metrics import print_result
+from .nonfinite import NonFiniteError
 from .trainer import train_local
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, BackendError)
+# MemoryError: numpy's message names the size asked for (an oversized model or batch).
+USER_ERRORS = (ConfigError, DataError, CheckpointError, BackendError, NonFiniteError, MemoryError)
+
+
+# Overflow on the way to a NaN is reported once, as the optimizer's one-line non-finite error,
+# instead of as NumPy warnings before it.
+def quiet_fp() -> np.errstate:
+    return np.errstate(over="ignore", invalid="ignore")
 
 
 def default_threads(local_ranks: int = 1) -> int:
@@ -35,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             return user_error(ConfigError(f"--algorithm {cfg.algorithm} combines replicas over MPI ranks: "
                                           "run it under mpirun -np N"))
         try:
-            with threadpool_limits(cfg.threads or default_threads()):
+            with threadpool_limits(cfg.threads or default_threads()), quiet_fp():
                 result = train_local(cfg, backend)
         except USER_ERRORS as e:
             return user_error(e)
@@ -74,7 +83,7 @@ def run_mpi(cfg, backend) -> dict | None | int:
     except USER_ERRORS as e:
         return user_error(e) if rank == 0 else 2
     try:
-        with threadpool_limits(cfg.threads or default_threads(local_ranks(comm))):
+        with threadpool_limits(cfg.threads or default_threads(local_ranks(comm))), quiet_fp():
             return train(cfg, backend, plan, comm)
     except USER_ERRORS as e:
         print(f"hpdl.train: rank {rank}: error: {e}", file=sys.stderr, flush=True)

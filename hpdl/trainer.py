@@ -9,17 +9,19 @@ from typing import Sequence
 
 from .backend import Backend, to_host
 from .checkpoint import latest_checkpoint, load_checkpoint, load_into, prune, save_checkpoint
-from .config import Config
+from .config import Config, ConfigError
 from .data import Loader
 from .layers import EVAL, Layer, Mode, accuracy, softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from .layers.base import Params
 from .metrics import Metrics, progress
 from .models import Model, backward, build_model, forward
-from .optim import make_optimizer, make_schedule
+from .flat import Flat
+from .optim import LRMethod, make_lr_method, make_optimizer
 
 
 # Test-set batches: large, since evaluation keeps no caches.
 EVAL_BATCH = 1000
+LR_STATE = "lr_method/"  # prefix of the learning-rate method's state among the optimizer's
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -30,10 +32,37 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
 
 def make_run_optimizer(cfg: Config, layers: Sequence[Layer]):
     """The optimizer the run's options name, over `layers` (a model or one stage of it)."""
-    kw = {"weight_decay": cfg.weight_decay}
-    if cfg.optimizer == "sgd":
+    name, kw = cfg.optimizer, {"weight_decay": cfg.weight_decay}
+    if cfg.lr_method in ("lars", "lamb"):
+        name = cfg.lr_method
+    if name == "lars":
+        kw |= {"momentum": cfg.momentum, "eta": cfg.trust_coefficient}
+    elif name == "sgd":
         kw |= {"momentum": cfg.momentum, "nesterov": cfg.nesterov}
-    return make_optimizer(cfg.optimizer, layers, **kw)
+    optimizer = make_optimizer(name, layers, **kw)
+    optimizer.on_nonfinite = cfg.on_nonfinite
+    return optimizer
+
+
+def make_run_lr_method(cfg: Config, layers: Sequence[Layer], replicas: int, total: int) -> LRMethod:
+    """The per-layer learning rates of the run's updates, each of replicas x accumulate micro-batches."""
+    return make_lr_method(cfg.lr_method, layers, cfg.lr, cfg.lr_schedule, total, replicas * cfg.accumulate,
+                          cfg.warmup_steps, cfg.gain_smoothing)
+
+
+def lr_record(layers: Sequence[Layer], method: LRMethod, optimizer, first: int = 0) -> dict:
+    """The metrics line of one update's per-layer learning rates and gain ratios (layers with parameters),
+    and for LARS and LAMB each layer's trust ratio (of its first adapted tensor; 1 for the others).
+
+    `first` is the model index of layers[0] (a pipeline stage's first layer)."""
+    names = {i: f"{first + i}:{type(layer).__name__}" for i, layer in enumerate(layers) if layer.trainable}
+    record = {"layers": list(names.values()),
+              **{key: [values[i] for i in names] for key, values in method.last.items()}}
+    trust = getattr(optimizer, "trust", None)
+    if trust is not None:
+        record["trust"] = [next((trust[f"{i}/{n}"] for n in layers[i].trainable if f"{i}/{n}" in trust), 1.0)
+                           for i in names]
+    return record
 
 
 def test_loader(cfg: Config, xp, dtype) -> Loader:
@@ -41,11 +70,16 @@ def test_loader(cfg: Config, xp, dtype) -> Loader:
     return Loader(cfg.data, "test", EVAL_BATCH, shuffle=False, drop_last=False, xp=xp, dtype=dtype)
 
 
-def loss_and_grads(layers: Sequence[Layer], params: Sequence[Params], x, y, key: tuple[int, ...]):
-    """One forward and backward pass: (mean loss, per-layer gradients)."""
+def loss_and_grads(layers: Sequence[Layer], params: Sequence[Params], x, y, key: tuple[int, ...],
+                   weight: float = 1.0, on_layer=None):
+    """One forward and backward pass: (mean loss, per-layer gradients of weight x mean loss).
+
+    `on_layer(i, grads_i)` is called as each layer's gradients are ready (models.backward).
+    """
     logits, caches = forward(layers, params, x, Mode(True, key))
     loss, cache = softmax_cross_entropy_forward(logits, y)
-    _, grads = backward(layers, params, caches, softmax_cross_entropy_backward(cache), need_dx=False)
+    _, grads = backward(layers, params, caches, softmax_cross_entropy_backward(cache, weight), on_layer,
+                        need_dx=False)
     return loss, grads
 
 
@@ -71,7 +105,7 @@ class Run:
     model: Model
     params: list[Params]
     optimizer: object
-    schedule: object
+    lr_method: LRMethod
     train: Loader
     test: Loader
     steps_per_epoch: int
@@ -84,18 +118,22 @@ class Run:
         xp, dtype = backend.xp, backend.dtype
         train = Loader(cfg.data, "train", cfg.batch_size, replica=replica, replicas=replicas,
                        seed=cfg.seed, xp=xp, dtype=dtype)
-        spe = len(train)
+        spe = len(train) // cfg.accumulate
+        if spe == 0:
+            raise ConfigError(f"--accumulate {cfg.accumulate} x --batch-size {cfg.batch_size} x {replicas} "
+                              f"replicas exceeds the training set")
         total = total_steps(cfg, spe)
         return cls(cfg, backend, model, model.init(cfg.seed, xp, dtype), make_run_optimizer(cfg, model.layers),
-                   make_schedule(cfg.lr_schedule, cfg.lr, total, warmup_steps=cfg.warmup_steps),
-                   train, test_loader(cfg, xp, dtype), spe, total)
+                   make_run_lr_method(cfg, model.layers, replicas, total), train, test_loader(cfg, xp, dtype),
+                   spe, total)
 
     # -- checkpoints: parameters, optimizer state and the step; the loader and dropout
     #    positions follow from the step, so a resumed run repeats the same batches.
     def save(self) -> None:
         path = Path(self.cfg.checkpoint_dir) / f"step-{self.step:08d}.h5"
         host = [{k: to_host(v) for k, v in p.items()} for p in self.params]
-        save_checkpoint(path, host, self.optimizer.state_dict(),
+        state = self.optimizer.state_dict() | {LR_STATE + k: v for k, v in self.lr_method.state_dict().items()}
+        save_checkpoint(path, host, state,
                         {"step": self.step, "epoch": self.step // self.steps_per_epoch,
                          "config": self.cfg.to_dict()})
         prune(self.cfg.checkpoint_dir, self.cfg.keep_checkpoints)
@@ -106,7 +144,8 @@ class Run:
             return False
         params, opt_state, meta = load_checkpoint(path)
         load_into(self.params, params)
-        self.optimizer.load_state_dict(opt_state)
+        self.lr_method.load_state_dict({k[len(LR_STATE):]: v for k, v in opt_state.items() if k.startswith(LR_STATE)})
+        self.optimizer.load_state_dict({k: v for k, v in opt_state.items() if not k.startswith(LR_STATE)})
         self.step = int(meta["step"])
         return True
 
@@ -122,34 +161,61 @@ def train_local(cfg: Config, backend: Backend) -> dict:
     start_step, train_time = run.step, 0.0
     loss = float("nan")
     test_loss = test_acc = None
+    I, norms = cfg.accumulate, run.lr_method.needs_micro_norms
+    # Several micro-batches per update are summed in a Flat; a lone one is used as it comes.
+    acc = Flat(layers, params, backend.xp, backend.dtype, stats=len(layers) if norms else 0) \
+        if I > 1 or norms else None
+    on_layer = (lambda i, g: acc.accumulate(i, g, 1.0 / I)) if acc is not None else None
+
+    def test(epoch: float) -> tuple[float, float]:
+        """Evaluate on the test set, off the training clock."""
+        nonlocal train_time, t0
+        backend.synchronize()
+        train_time += time.perf_counter() - t0
+        result = evaluate(layers, params, run.test)
+        metrics.write(kind="eval", step=run.step, epoch=epoch, test_loss=result[0], test_acc=result[1],
+                      train_s=train_time)
+        t0 = time.perf_counter()
+        return result
+
     while run.step < run.total_steps:
         epoch, start = divmod(run.step, run.steps_per_epoch)
         t0 = time.perf_counter()
-        for x, y in run.train.epoch(epoch, start):
-            lr = run.schedule(run.step)
-            loss, grads = loss_and_grads(layers, params, x, y, (cfg.seed, run.step))
+        batches = run.train.epoch(epoch, start * I)
+        for _ in range(start, run.steps_per_epoch):
+            loss = 0.0
+            for j in range(I):  # the micro-batches of one update, gradients summed in `acc`
+                x, y = next(batches)
+                part, grads = loss_and_grads(layers, params, x, y, (cfg.seed, run.step, j), 1.0 / I, on_layer)
+                loss += part / I
+            if acc is not None:
+                grads = acc.views
+            lr = run.lr_method.rates(grads, acc.stats if norms else None)
             run.optimizer.step(params, grads, lr)
+            if acc is not None:
+                acc.vector[...] = 0
             run.step += 1
             bar.update()
+            if cfg.lr_method != "none":
+                metrics.write(kind="lr", step=run.step, **lr_record(layers, run.lr_method, run.optimizer))
             if run.step % cfg.log_every == 0:
                 loss = float(loss)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                metrics.write(kind="train", step=run.step, epoch=epoch, loss=loss, lr=lr)
+                metrics.write(kind="train", step=run.step, epoch=epoch, loss=loss, lr=max(lr))
             if cfg.checkpoint_dir and cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
                 run.save()
             if run.step >= run.total_steps:
                 break
-        backend.synchronize()
-        train_time += time.perf_counter() - t0
-        test_loss, test_acc = evaluate(layers, params, run.test)
-        metrics.write(kind="eval", step=run.step, epoch=epoch + 1, test_loss=test_loss, test_acc=test_acc)
+            if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step % run.steps_per_epoch:
+                test(run.step / run.steps_per_epoch)
+        test_loss, test_acc = test(epoch + 1)
         bar.write(f"epoch {epoch + 1}: test loss {test_loss:.4f}, test accuracy {test_acc:.4f}")
         if cfg.checkpoint_dir:
             run.save()
     bar.close()
     if test_acc is None:  # resumed at the end: nothing trained, still report
         test_loss, test_acc = evaluate(layers, params, run.test)
-    samples = (run.step - start_step) * cfg.batch_size
+    samples = (run.step - start_step) * cfg.batch_size * I
     metrics.close()
     return {"test_acc": test_acc, "test_loss": test_loss, "train_loss": float(loss),
             "epochs": run.step / run.steps_per_epoch, "steps": run.step,

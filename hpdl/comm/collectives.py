@@ -28,15 +28,19 @@ class BucketAllreduce:
         self.buckets: list[tuple[int, slice]] = []   # (first layer, slice of the vector), last layer first
         self.bytes_reduced = 0
         sizes = [sum(v.size for v in views.values()) for views in flat.views]
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int) + flat.stats.size
+        offsets[0] = 0  # the leading statistics go with layer 0's bucket, the last to start
         itemsize = flat.vector.dtype.itemsize
         hi = len(sizes)
         for i in reversed(range(len(sizes))):
             if (offsets[hi] - offsets[i]) * itemsize >= bucket_bytes or i == 0:
-                if offsets[hi] > offsets[i]:
-                    # Start at the bucket's lowest layer with parameters: backward may stop there.
-                    first = next(j for j in range(i, hi) if sizes[j])
+                # Start at the bucket's lowest layer with parameters: backward may stop there.
+                first = next((j for j in range(i, hi) if sizes[j]), None)
+                if first is not None:
                     self.buckets.append((first, slice(offsets[i], offsets[hi])))
+                elif offsets[hi] > offsets[i]:  # statistics alone: they join the bucket above
+                    first, above = self.buckets.pop()
+                    self.buckets.append((first, slice(offsets[i], above.stop)))
                 hi = i
         self.starts = {first: k for k, (first, _) in enumerate(self.buckets)}
         self.requests: list[MPI.Request] = []

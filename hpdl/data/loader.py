@@ -12,6 +12,7 @@ import numpy as np
 from .idx import DataError
 
 IMAGE_SHAPE = (1, 28, 28)
+NUM_CLASSES = 10
 # Pixel mean and standard deviation of the MNIST training set (on the 0..1 scale).
 MEAN, STD = 0.1307, 0.3081
 
@@ -19,8 +20,10 @@ Arrays = tuple[np.ndarray, np.ndarray]
 
 
 def open_split(path: str | Path, split: str) -> Arrays:
-    """Read `/split/x` (N,1,28,28) uint8 and `/split/y` (N,) uint8 into memory, validated."""
-    return _read_split(path, split, lambda x, y: (x[()], y[()]))
+    """Read `/split/x` (N,1,28,28) uint8 and `/split/y` (N,) uint8 labels 0..9 into memory, validated."""
+    x, y = _read_split(path, split, lambda x, y: (x[()], y[()]))
+    _check_labels(y, f"{path}:/{split}")
+    return x, y
 
 
 def split_size(path: str | Path, split: str) -> int:
@@ -29,6 +32,8 @@ def split_size(path: str | Path, split: str) -> int:
 
 
 def _read_split(path: str | Path, split: str, read):
+    if Path(path).is_dir():
+        raise DataError(f"{path}: is a directory, not a prepared data file")
     if not Path(path).is_file():
         hint = f"make it with `python -m hpdl.data prepare mnist --out {path}`"
         raise DataError(f"{path}: no such file ({hint})")
@@ -40,6 +45,8 @@ def _read_split(path: str | Path, split: str, read):
             return read(x, y)
     except OSError as e:  # not HDF5, truncated, or unreadable
         raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
+    except MemoryError as e:  # a declared size no machine holds
+        raise DataError(f"{path}:/{split} is too large to load ({e})") from None
 
 
 def _dataset(f: h5py.File, name: str, path: str | Path) -> h5py.Dataset:
@@ -57,6 +64,14 @@ def _validate(x: Any, y: Any, name: str) -> None:
         raise DataError(f"{name}: x must have shape (N, 1, 28, 28), found {tuple(x.shape)}")
     if tuple(y.shape) != (x.shape[0],):
         raise DataError(f"{name}: y must have shape ({x.shape[0]},), found {tuple(y.shape)}")
+    if x.shape[0] == 0:
+        raise DataError(f"{name}: no samples")
+
+
+def _check_labels(y: np.ndarray, name: str) -> None:
+    # An out-of-range label would index past the logits, or silently train a wrong class.
+    if y.max() >= NUM_CLASSES:
+        raise DataError(f"{name}: labels must be 0..{NUM_CLASSES - 1}, found {y.max()}")
 
 
 class Loader:
@@ -99,11 +114,15 @@ class Loader:
         else:
             self.x, self.y = source
             _validate(self.x, self.y, f"arrays for split {split!r}")
+        if drop_last and batch_size * replicas > len(self.y):
+            name = source if isinstance(source, (str, Path)) else "the arrays"
+            raise DataError(f"{name}: split {split} has {len(self.y)} samples, fewer than one batch "
+                            f"(--batch-size {batch_size} x {replicas} replicas)")
         self.split, self.batch_size = split, batch_size
         self.replica, self.replicas = replica, replicas
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.xp, self.dtype = xp, np.dtype(dtype)
-        self._gather = np.empty((batch_size, *IMAGE_SHAPE), np.uint8)
+        self._gather = np.empty((min(batch_size, len(self.y)), *IMAGE_SHAPE), np.uint8)
 
     @property
     def num_samples(self) -> int:

