@@ -10,12 +10,15 @@ DATA ?= data/mnist.h5
 MPI_TIMEOUT ?= 900
 # One BLAS thread per rank: the MPI tests run several ranks on two cores.
 MPI_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+# The jobs/ tests start a one-node Slurm cluster (installing slurm-wlm as root; skipped where they
+# cannot), submit every script and wait for it; bounded too.
+SLURM_TIMEOUT ?= 900
 
-.PHONY: run test test-unit test-mpi data bench clean help
+.PHONY: run test test-unit test-mpi test-slurm data bench clean help
 
 help:
 	@echo "make run    set up .venv, prepare MNIST, train the default model (mlp)"
-	@echo "make test   set up .venv and run the whole test suite (unit + MPI)"
+	@echo "make test   set up .venv and run the whole test suite (unit + MPI + Slurm job scripts)"
 	@echo "make bench  install the benchmark extras (matplotlib, PyTorch CPU) and run the benchmarks"
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -32,14 +35,17 @@ $(DATA): | $(VENV)/.installed
 run: $(VENV)/.installed $(DATA)
 	$(PY) -m hpdl.train --data $(DATA)
 
-test: test-unit test-mpi
+test: test-unit test-mpi test-slurm
 
 test-unit: $(VENV)/.installed
-	$(PY) -m pytest -q --ignore=tests/mpi
+	$(PY) -m pytest -q --ignore=tests/mpi --ignore=tests/slurm
 
 test-mpi: $(VENV)/.installed
 	$(MPI_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIRUN) -n 2 $(PY) -m pytest --with-mpi -q -p no:cacheprovider tests/mpi
 	$(MPI_ENV) timeout -k 10 $(MPI_TIMEOUT) $(MPIRUN) -n 4 $(PY) -m pytest --with-mpi -q -p no:cacheprovider tests/mpi
+
+test-slurm: $(VENV)/.installed
+	$(MPI_ENV) timeout -k 10 $(SLURM_TIMEOUT) $(PY) -m pytest -q -m slurm -p no:cacheprovider tests/slurm
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q torch==2.13.0
