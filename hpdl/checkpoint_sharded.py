@@ -185,6 +185,9 @@ def find_resume(directory: str | os.PathLike, model_params: Sequence[dict[str, n
     directory = Path(directory)
     steps = complete_steps(directory)
     if not steps:
+        broken = sorted(p.name for p in directory.glob("step-*") if _STEP_DIR.fullmatch(p.name))
+        if broken:
+            raise CheckpointError(f"{directory}: no complete checkpoint ({broken[-1]} has no manifest)")
         if directory.is_dir() and any(_SINGLE.fullmatch(p.name) for p in directory.iterdir()):
             raise CheckpointError(f"{directory} holds single-process checkpoints (step-N.h5); a multi-rank run "
                                   "resumes from its own step-N/ directories: use a fresh --checkpoint-dir")
@@ -198,9 +201,12 @@ def find_resume(directory: str | os.PathLike, model_params: Sequence[dict[str, n
         if entry.role != "stage":
             continue
         layers, state, meta = read_shard(path, entry)
-        if not 0 <= entry.first < entry.stop <= len(model_params) or len(layers) != entry.stop - entry.first:
-            raise CheckpointError(f"{path / entry.file}: holds layers {entry.first}-{entry.stop - 1}, the model has "
-                                  f"{len(model_params)}")
+        if not 0 <= entry.first < entry.stop <= len(model_params):
+            raise CheckpointError(f"{path / entry.file}: the manifest lists layers {entry.first}-{entry.stop - 1}, "
+                                  f"the model has {len(model_params)}")
+        if len(layers) != entry.stop - entry.first:
+            raise CheckpointError(f"{path / entry.file}: holds {len(layers)} layers, the manifest lists "
+                                  f"{entry.stop - entry.first}")
         for j, layer in enumerate(layers):
             if params[entry.first + j] is None:
                 params[entry.first + j] = layer
