@@ -35,6 +35,7 @@ FORMAT = 1
 _STEP_DIR = re.compile(r"step-(\d+)")
 _SINGLE = re.compile(r"step-\d+\.h5")
 DIGEST_BYTES = 32
+ROLES = ("stage", "ps", "worker")  # what a shard holds: a stage's layers, a server's shards, a worker's local state
 
 
 def step_dir(directory: str | os.PathLike, step: int) -> Path:
@@ -56,7 +57,7 @@ class ShardEntry:
     """One shard as the manifest lists it: who wrote it and which layers it holds."""
 
     rank: int
-    role: str          # "stage": params and optimizer state of layers [first, stop)
+    role: str          # one of ROLES; "stage": params and optimizer state of layers [first, stop)
     stage: int
     replica: int
     first: int
@@ -110,14 +111,14 @@ def save_sharded(comm: MPI.Comm, directory: str | os.PathLike, step: int, shard:
                                {**meta, "step": step, "rank": rank, "role": shard["role"], "stage": shard["stage"],
                                 "replica": shard["replica"], "first": shard["first"], "stop": shard["stop"]})
         digest[:] = np.frombuffer(file_sha256(path), np.uint8)
-        fields[:] = (1, shard["stage"], shard["replica"], shard["first"], shard["stop"], 0)
+        fields[:] = (1, shard["stage"], shard["replica"], shard["first"], shard["stop"], ROLES.index(shard["role"]))
     digests = np.empty((size, DIGEST_BYTES), np.uint8) if rank == 0 else None
     table = np.empty((size, fields.size), np.int64) if rank == 0 else None
     waitall([comm.Igather(digest, digests, root=0), comm.Igather(fields, table, root=0)], poll,
             peer="checkpoint shards")
     if rank != 0:
         return None
-    entries = [ShardEntry(r, "stage", int(f[1]), int(f[2]), int(f[3]), int(f[4]), shard_name(r), d.tobytes().hex())
+    entries = [ShardEntry(r, ROLES[f[5]], int(f[1]), int(f[2]), int(f[3]), int(f[4]), shard_name(r), d.tobytes().hex())
                for r, (f, d) in enumerate(zip(table, digests)) if f[0] == 1]
     manifest = {"format": FORMAT, "step": step, **meta, "shards": [vars(e) for e in entries]}
     write_json_atomic(part / MANIFEST, manifest)
@@ -182,17 +183,9 @@ def find_resume(directory: str | os.PathLike, model_params: Sequence[dict[str, n
     of another model or optimizer, or with damaged, non-finite or missing data, raises a
     one-line CheckpointError here, before any rank starts training.
     """
-    directory = Path(directory)
-    steps = complete_steps(directory)
-    if not steps:
-        broken = sorted(p.name for p in directory.glob("step-*") if _STEP_DIR.fullmatch(p.name))
-        if broken:
-            raise CheckpointError(f"{directory}: no complete checkpoint ({broken[-1]} has no manifest)")
-        if directory.is_dir() and any(_SINGLE.fullmatch(p.name) for p in directory.iterdir()):
-            raise CheckpointError(f"{directory} holds single-process checkpoints (step-N.h5); a multi-rank run "
-                                  "resumes from its own step-N/ directories: use a fresh --checkpoint-dir")
+    path = newest_complete(directory)
+    if path is None:
         return None
-    path = step_dir(directory, steps[-1])
     manifest = read_manifest(path)
     params: list[dict[str, np.ndarray] | None] = [None] * len(model_params)
     opt_state: dict[str, np.ndarray] = {}
@@ -227,6 +220,21 @@ def find_resume(directory: str | os.PathLike, model_params: Sequence[dict[str, n
     check_fits(path, model_params, params, optimizer, opt_state)
     return Resume(path, int(manifest["step"]), int(manifest.get("epoch", 0)), str(manifest.get("layout", "")),
                   params, opt_state)
+
+
+def newest_complete(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint directory; None for a fresh start; CheckpointError if only broken ones exist."""
+    directory = Path(directory)
+    steps = complete_steps(directory)
+    if steps:
+        return step_dir(directory, steps[-1])
+    broken = sorted(p.name for p in directory.glob("step-*") if _STEP_DIR.fullmatch(p.name))
+    if broken:
+        raise CheckpointError(f"{directory}: no complete checkpoint ({broken[-1]} has no manifest)")
+    if directory.is_dir() and any(_SINGLE.fullmatch(p.name) for p in directory.iterdir()):
+        raise CheckpointError(f"{directory} holds single-process checkpoints (step-N.h5); a multi-rank run "
+                              "resumes from its own step-N/ directories: use a fresh --checkpoint-dir")
+    return None
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

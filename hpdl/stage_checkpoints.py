@@ -19,10 +19,11 @@ from .comm.topology import Layout, Topology
 from .config import Config, ConfigError
 from .models import Model
 from .pipeline.schedules import SCHEDULES
+from .ps_checkpoints import PsResume, check_ps_options, find_ps_resume
 from .trainer import make_run_optimizer
 
 
-def plan_resume(cfg: Config, model: Model, layout: Layout) -> Resume | None:
+def plan_resume(cfg: Config, model: Model, layout: Layout) -> Resume | PsResume | None:
     """Checks the checkpoint options; with --resume, the newest complete checkpoint, validated (or None).
 
     Every rank runs this before any communication and reaches the same verdict.
@@ -30,8 +31,8 @@ def plan_resume(cfg: Config, model: Model, layout: Layout) -> Resume | None:
     if not cfg.checkpoint_dir:
         return None
     if cfg.algorithm != "sync":
-        raise ConfigError(f"--checkpoint-dir: multi-rank checkpoints cover --algorithm sync; {cfg.algorithm} "
-                          "runs cannot be checkpointed yet")
+        check_ps_options(cfg)
+        return find_ps_resume(cfg.checkpoint_dir, cfg.algorithm) if cfg.resume else None
     if cfg.checkpoint_every and not SCHEDULES[cfg.schedule].flush:
         raise ConfigError(f"--checkpoint-every: --schedule {cfg.schedule} drains its pipeline only at epoch ends, "
                           "where it checkpoints; use --checkpoint-every 0")
