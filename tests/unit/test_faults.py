@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from test_mpi_cli import MPIRUN
+from test_mpi_cli import MPIRUN, mpirun, result
 
+from hpdl.checkpoint_sharded import complete_steps
 from hpdl.guard import death_line
 
 pytestmark = pytest.mark.skipif(not MPIRUN.exists(), reason="mpirun (the mpich wheel) is not installed")
@@ -89,3 +90,22 @@ def test_the_death_line_without_a_rank_table():
     """Without HPDL_RANK_TABLE the line still names the rank, pid, host and signal."""
     assert death_line("5", 4242, "node7", signal.SIGSEGV) == ("hpdl.guard: rank 5 (pid 4242 on node7) was killed by "
                                                                "SIGSEGV; ending the job")
+
+
+def test_a_job_killed_mid_run_resumes_from_its_last_complete_checkpoint(mnist_h5, tmp_path):
+    """SIGKILL of a stage while the run checkpoints every 5 steps; --resume continues from the newest complete
+    checkpoint (whatever the kill interrupted is ignored) and finishes."""
+    ck = tmp_path / "ck"
+    opts = ["--data", str(mnist_h5), "--batch-size", "16", "--stages", "2", "--lr-schedule", "constant",
+            "--checkpoint-dir", str(ck), "--checkpoint-every", "5"]
+    proc, table, metrics = start(tmp_path, 2, True, *opts)
+    _, pid = pid_of(proc, table, metrics, "worker stage 1 replica 0")
+    deadline = time.monotonic() + 60
+    while not complete_steps(ck) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    code, _, _ = kill_and_wait(proc, pid)
+    assert code != 0
+    last = complete_steps(ck)[-1]
+    resumed = mpirun(2, *opts, "--max-steps", str(last + 3), "--resume", timeout=120)
+    assert f"resumed from step {last}" in resumed.stdout
+    assert result(resumed)["steps"] == last + 3

@@ -141,3 +141,30 @@ def test_checkpoint_options_that_cannot_work_are_one_line_errors(mnist_h5, tmp_p
     """Options the checkpoints cannot honour fail at once with exit code 2 and one line."""
     proc = mpirun(2, "--data", str(mnist_h5), "--checkpoint-dir", str(tmp_path / "ck"), *args, timeout=60)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr
+
+
+# -- parameter-server runs ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("algorithm", [["asgd"], ["eamsgd", "--tau", "3"]])
+def test_a_resumed_parameter_server_run_equals_the_uninterrupted_one(mnist_h5, tmp_path, algorithm):
+    """One worker and one server (a deterministic order) in float64: 10 steps straight, or 6 (checkpoint at 4),
+    then resumed to 10, end with the same server weights bit for bit (the servers' and the worker's state)."""
+    opts = options(mnist_h5, tmp_path, "model_options: {hidden: [32]}\n", "--stages", "1", "--ps", "1",
+                   "--batch-size", "16", "--dtype", "float64", "--checkpoint-every", "4", "--algorithm", *algorithm)
+    straight = result(mpirun(2, *opts, "--max-steps", "10", "--checkpoint-dir", str(tmp_path / "a"), timeout=120))
+    result(mpirun(2, *opts, "--max-steps", "6", "--checkpoint-dir", str(tmp_path / "b"), timeout=120))
+    proc = mpirun(2, *opts, "--max-steps", "10", "--checkpoint-dir", str(tmp_path / "b"), "--resume", timeout=120)
+    assert "resumed from step 4" in proc.stdout
+    assert result(proc)["params_sha256"] == straight["params_sha256"]
+
+
+def test_a_parameter_server_run_resumes_on_fewer_workers_from_the_servers_weights(mnist_h5, tmp_path):
+    """2 workers train dcasgd-a 120 steps (checkpoint at 100); 1 worker resumes for one step: its test accuracy is
+    the trained model's (well above a fresh model's 10%), so the servers' weights carried over."""
+    opts = options(mnist_h5, tmp_path, "model_options: {hidden: [32]}\n", "--stages", "1", "--ps", "1",
+                   "--batch-size", "16", "--checkpoint-every", "100", "--algorithm", "dcasgd-a",
+                   "--checkpoint-dir", str(tmp_path / "ck"))
+    trained = result(mpirun(3, *opts, "--max-steps", "120", timeout=120))
+    proc = mpirun(2, *opts, "--max-steps", "101", "--resume", timeout=120)
+    assert "resumed from step 100" in proc.stdout and "written by 2 replicas" in proc.stdout
+    assert trained["test_acc"] > 0.8 and result(proc)["test_acc"] > 0.8
