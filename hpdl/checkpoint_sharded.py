@@ -20,14 +20,21 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
-from .checkpoint import CheckpointError, fsync, load_checkpoint, load_into, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    fsync,
+    load_checkpoint,
+    load_into,
+    save_checkpoint,
+)
 from .comm.wait import wait, waitall
 
 MANIFEST = "manifest.json"
@@ -193,7 +200,7 @@ def find_resume(directory: str | os.PathLike, model_params: Sequence[dict[str, n
     for entry in manifest["shards"]:
         if entry.role != "stage":
             continue
-        layers, state, meta = read_shard(path, entry)
+        layers, state, _ = read_shard(path, entry)
         if not 0 <= entry.first < entry.stop <= len(model_params):
             raise CheckpointError(f"{path / entry.file}: the manifest lists layers {entry.first}-{entry.stop - 1}, "
                                   f"the model has {len(model_params)}")

@@ -25,6 +25,7 @@ from .pipeline.partition import balance, describe, flop_costs, parse_partition, 
 from .pipeline.runtime import Feed, StageRunner, stage_shapes
 from .pipeline.schedules import SCHEDULES
 from .ps.pipelined import PIPELINED
+from .ps_checkpoints import PsResume
 from .stage_checkpoints import StageCheckpoints, plan_resume
 from .trace import Tracer, from_bytes, to_bytes, write_trace
 from .trainer import EVAL_BATCH, make_run_optimizer, test_loader, total_steps
@@ -50,7 +51,7 @@ class Plan:
     n_micro: int
     n_train: int
     n_test: int
-    resume: Resume | None = None
+    resume: Resume | PsResume | None = None
 
 
 def plan_run(cfg: Config, world: int) -> Plan:
@@ -63,7 +64,7 @@ def plan_run(cfg: Config, world: int) -> Plan:
     if n_train < cfg.batch_size * layout.replicas:
         raise ConfigError(f"--batch-size {cfg.batch_size} x {layout.replicas} replicas exceeds the "
                           f"{n_train} training samples")
-    return Plan(model, layout, n_micro, n_train, split_size(cfg.data, "test"), plan_resume(cfg, model, layout))
+    return Plan(model, layout, n_micro, n_train, split_size(cfg.data, "test"), plan_resume(cfg, model))
 
 
 def plan_layout(cfg: Config, model: Model, world: int):

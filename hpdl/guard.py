@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.split("\n\n")[0])
         return 0 if argv else 2
     try:
-        # close_fds=False: the rank needs the PMI socket hydra handed to this process (PMI_FD)
+        # close_fds=False: the rank needs the PMI socket hydra handed to this process (PMI_FD).
+        # preexec_fn is safe here: the guard starts no threads.
         child = subprocess.Popen(argv, close_fds=False, preexec_fn=_die_with_parent)
     except OSError as e:
         print(f"hpdl.guard: error: cannot start {argv[0]}: {e.strerror}", file=sys.stderr)

@@ -70,15 +70,18 @@ def find_ps_resume(directory: str, algorithm: str) -> PsResume | None:
     manifest = read_manifest(path)
     if manifest.get("algorithm") != algorithm or "replicas" not in manifest:
         raise CheckpointError(f"{path}: a checkpoint of --algorithm {manifest.get('algorithm')}, not of {algorithm}")
-    resume = PsResume(path, int(manifest["step"]), int(manifest["replicas"]), list(manifest["partition"]))
-    for entry in manifest["shards"]:
-        _, state, _ = read_shard(path, entry)
-        if entry.role == "worker":
-            resume.workers[(entry.stage, entry.replica)] = state
-        elif entry.role == "ps":
-            for key, value in state.items():
-                stage, lo, hi, rest = key.split("/", 3)
-                resume.servers.setdefault((int(stage), int(lo), int(hi)), {})[rest] = value
+    try:
+        resume = PsResume(path, int(manifest["step"]), int(manifest["replicas"]), [int(c) for c in manifest["partition"]])
+        for entry in manifest["shards"]:
+            _, state, _ = read_shard(path, entry)
+            if entry.role == "worker":
+                resume.workers[(entry.stage, entry.replica)] = state
+            elif entry.role == "ps":
+                for key, value in state.items():
+                    stage, lo, hi, rest = key.split("/", 3)
+                    resume.servers.setdefault((int(stage), int(lo), int(hi)), {})[rest] = value
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a parameter-server checkpoint ({' '.join(str(e).split())})") from None
     if not resume.servers:
         raise CheckpointError(f"{path}: holds no parameter-server shard")
     return resume

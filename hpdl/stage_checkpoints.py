@@ -15,7 +15,7 @@ from mpi4py import MPI
 from .backend import to_host
 from .checkpoint import CheckpointError, load_into
 from .checkpoint_sharded import Resume, find_resume, save_sharded
-from .comm.topology import Layout, Topology
+from .comm.topology import Topology
 from .config import Config, ConfigError
 from .models import Model
 from .pipeline.schedules import SCHEDULES
@@ -23,7 +23,7 @@ from .ps_checkpoints import PsResume, check_ps_options, find_ps_resume
 from .trainer import make_run_optimizer
 
 
-def plan_resume(cfg: Config, model: Model, layout: Layout) -> Resume | PsResume | None:
+def plan_resume(cfg: Config, model: Model) -> Resume | PsResume | None:
     """Checks the checkpoint options; with --resume, the newest complete checkpoint, validated (or None).
 
     Every rank runs this before any communication and reaches the same verdict.

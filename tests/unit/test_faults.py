@@ -73,8 +73,8 @@ def test_a_killed_rank_ends_the_job_naming_the_rank(mnist_h5, tmp_path, n, role,
     assert code != 0
     assert seconds < EXIT_BOUND_S
     named = [line for line in output.splitlines() if line.startswith("hpdl.guard:")]
-    assert named == [f"hpdl.guard: rank {rank} ({role}, pid {pid} on {socket.gethostname()}) was killed by SIGKILL; "
-                     "ending the job"], output[-3000:]
+    want = f"hpdl.guard: rank {rank} ({role}, pid {pid} on {socket.gethostname()}) was killed by SIGKILL; ending the job"
+    assert named == [want], output[-3000:]
 
 
 def test_plain_mpirun_ends_the_job(mnist_h5, tmp_path):

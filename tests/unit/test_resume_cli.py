@@ -129,8 +129,8 @@ def test_a_nan_single_process_checkpoint_is_a_one_line_error(mnist_h5, tmp_path)
         f["optim/1/W/momentum"][...] = np.inf
     proc = subprocess.run([*base, "--config", str(cfg), "--max-steps", "4", "--resume"], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"hpdl.train: error: {file}: optimizer state '1/W/momentum' holds "
-                                                "NaN or Inf"]
+    want = f"hpdl.train: error: {file}: optimizer state '1/W/momentum' holds NaN or Inf"
+    assert proc.stderr.strip().splitlines() == [want]
 
 
 @pytest.mark.parametrize("args, needle", [
