@@ -31,6 +31,9 @@ TABLE_ENV = "HPDL_RANK_TABLE"
 HOST_BYTES = 256
 PR_SET_PDEATHSIG = 1
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# How long a rank whose MPI call failed (most often: a peer died) waits before its abort ends the job, so that
+# the dead rank's guard names it first.
+PEER_DEATH_GRACE_S = 2.0
 
 
 def publish_rank_table(comm, layout) -> None:

@@ -12,12 +12,11 @@ from .backend import Backend, BackendError
 from .checkpoint import CheckpointError
 from .config import ConfigError, make_config
 from .data import DataError
-from .guard import publish_rank_table
+from .guard import PEER_DEATH_GRACE_S, publish_rank_table
 from .metrics import print_result
 from .trainer import train_local
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, BackendError)
-PEER_DEATH_GRACE_S = 2.0
 
 
 def default_threads(local_ranks: int = 1) -> int:
