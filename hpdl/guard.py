@@ -25,8 +25,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 TABLE_ENV = "HPDL_RANK_TABLE"
 HOST_BYTES = 256
 PR_SET_PDEATHSIG = 1
@@ -38,6 +36,7 @@ PEER_DEATH_GRACE_S = 2.0
 
 def publish_rank_table(comm, layout) -> None:
     """Collective: with HPDL_RANK_TABLE set, rank 0 writes every rank's host, pid and role there (JSON)."""
+    import numpy as np  # here, not at the top: a guard per rank stays a bare interpreter
     from mpi4py import MPI
 
     from .comm.topology import node_ids, place
