@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -73,8 +72,9 @@ def test_a_killed_rank_ends_the_job_naming_the_rank(mnist_h5, tmp_path, n, role,
     assert code != 0
     assert seconds < EXIT_BOUND_S
     named = [line for line in output.splitlines() if line.startswith("hpdl.guard:")]
-    want = f"hpdl.guard: rank {rank} ({role}, pid {pid} on {socket.gethostname()}) was killed by SIGKILL; ending the job"
-    assert named == [want], output[-3000:]
+    assert len(named) == 1, output[-3000:]
+    assert named[0].startswith(f"hpdl.guard: rank {rank} ({role}, pid {pid} on ")
+    assert named[0].endswith(") was killed by SIGKILL; ending the job")
 
 
 def test_plain_mpirun_ends_the_job(mnist_h5, tmp_path):
