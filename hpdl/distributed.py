@@ -219,6 +219,9 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
                 last_eval = (loss_sum / n, correct / n)
                 metrics.write(kind="eval", step=step, epoch=epoch + 1, test_loss=last_eval[0], test_acc=last_eval[1])
         ckpt.at_epoch_end(step)
+    if resumed >= total and topo.replica == 0:  # resumed at the end: nothing trained, still report
+        loss_sum, correct, n = evaluate_stage(runner, test, n_test)
+        last_eval = (loss_sum / n, correct / n) if reporter else last_eval
     bar.close()
     metrics.close()
 

@@ -50,6 +50,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(mnist_h5, tmp_path):
     a, b = final_params(whole, 7), final_params(part, 7)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert resumed["test_loss"] == straight["test_loss"] and resumed["steps"] == 7
+    again = result(mpirun(2, *opts, "--max-steps", "7", "--checkpoint-dir", str(part), "--resume", timeout=120))
+    assert again["test_loss"] == straight["test_loss"]  # resumed at the end: nothing to train, still evaluated
 
 
 def test_resume_on_another_layout_continues_the_same_run(mnist_h5, tmp_path):
