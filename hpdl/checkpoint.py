@@ -113,10 +113,17 @@ def load_into(params: list[dict[str, Any]], loaded: list[dict[str, np.ndarray]])
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step in `directory`, or None."""
+    """The complete checkpoint with the highest step in `directory`, or None.
+
+    A directory of multi-rank checkpoints (step-N/ with a manifest) is a CheckpointError: a
+    one-process run would otherwise ignore them and silently start afresh.
+    """
     for path in reversed(_checkpoints(directory)):
         if _is_complete(path):
             return path
+    if Path(directory).is_dir() and any((p / "manifest.json").is_file() for p in Path(directory).glob("step-*")):
+        raise CheckpointError(f"{directory} holds multi-rank checkpoints (step-N/ directories): resume them under "
+                              "mpirun, or use a fresh --checkpoint-dir")
     return None
 
 

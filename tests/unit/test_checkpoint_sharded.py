@@ -11,7 +11,7 @@ import pytest
 from mpi4py import MPI
 
 from hpdl import checkpoint_sharded as cs
-from hpdl.checkpoint import CheckpointError
+from hpdl.checkpoint import CheckpointError, latest_checkpoint
 from hpdl.layers.activation import ReLU
 from hpdl.layers.linear import Linear
 from hpdl.optim import SGD
@@ -187,3 +187,10 @@ def test_a_checkpoint_without_manifest_is_ignored_unless_it_is_the_only_one(tmp_
     shutil.rmtree(cs.step_dir(tmp_path, 2))
     with pytest.raises(CheckpointError, match="no complete checkpoint .*step-00000003 has no manifest"):
         resume(tmp_path)
+
+
+def test_a_one_process_resume_refuses_a_directory_of_multi_rank_checkpoints(tmp_path):
+    """latest_checkpoint (the one-process path) raises on step-N/ directories instead of silently starting afresh."""
+    save(tmp_path, 2)
+    with pytest.raises(CheckpointError, match="holds multi-rank checkpoints"):
+        latest_checkpoint(tmp_path)
