@@ -9,8 +9,6 @@ so they checkpoint there.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from mpi4py import MPI
 
@@ -32,13 +30,6 @@ def plan_resume(cfg: Config, model: Model) -> Resume | PsResume | None:
     """
     if not cfg.checkpoint_dir:
         return None
-    directory = Path(cfg.checkpoint_dir)
-    if directory.exists() and not directory.is_dir():
-        raise ConfigError(f"--checkpoint-dir {directory} is a file, not a directory")
-    try:  # a path no rank can write to fails here, in one line, not at the first save
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--checkpoint-dir {directory}: {e.strerror}") from None
     if cfg.algorithm != "sync":
         check_ps_options(cfg)
         return find_ps_resume(cfg.checkpoint_dir, cfg.algorithm) if cfg.resume else None

@@ -138,11 +138,9 @@ def test_a_nan_single_process_checkpoint_is_a_one_line_error(mnist_h5, tmp_path)
 @pytest.mark.parametrize("args, needle", [
     (["--schedule", "pipedream", "--checkpoint-every", "5"], "drains its pipeline only at epoch ends"),
     (["--stages", "1", "--algorithm", "avg"], "multi-rank checkpoints cover --algorithm sync"),
-    (["--checkpoint-dir", "{data}"], "is a file, not a directory"),
 ])
 def test_checkpoint_options_that_cannot_work_are_one_line_errors(mnist_h5, tmp_path, args, needle):
-    """Options the checkpoints cannot honour (or a --checkpoint-dir that is a file) fail at once, exit 2, one line."""
-    args = [a.format(data=mnist_h5) for a in args]
+    """Options the checkpoints cannot honour fail at once with exit code 2 and one line."""
     proc = mpirun(2, "--data", str(mnist_h5), "--checkpoint-dir", str(tmp_path / "ck"), *args, timeout=60)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr
 
