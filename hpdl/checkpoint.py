@@ -51,12 +51,12 @@ def save_checkpoint(path: str | os.PathLike, params: list[dict[str, Any]],
             _write_params(f.create_group("params"), params)
             _write_optim(f.create_group("optim"), opt_state)
             _write_meta(f.attrs, meta)
-        _fsync(tmp)  # closing flushed HDF5's buffers to the OS; this puts them on disk
+        fsync(tmp)  # closing flushed HDF5's buffers to the OS; this puts them on disk
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync(path.parent)  # makes the rename itself survive a power cut
+    fsync(path.parent)  # makes the rename itself survive a power cut
     return path
 
 
@@ -73,11 +73,24 @@ def load_checkpoint(path: str | os.PathLike
                     raise CheckpointError(f"{path}: not a checkpoint, group /{group} is missing")
             if "step" not in f.attrs:
                 raise CheckpointError(f"{path}: not a checkpoint, attribute 'step' is missing")
-            return _read_params(f["params"], path), _read_optim(f["optim"]), _read_meta(f.attrs)
+            params, optim = _read_params(f["params"], path), _read_optim(f["optim"])
+            meta = _read_meta(f.attrs)
     except CheckpointError:
         raise
     except (OSError, KeyError, TypeError, ValueError) as e:  # h5py's and json's failures
         raise CheckpointError(f"{path}: unreadable checkpoint ({' '.join(str(e).split())})") from e
+    for i, layer in enumerate(params):
+        for name, a in layer.items():
+            check_finite(path, f"layer {i} {name!r}", a)
+    for key, a in optim.items():
+        check_finite(path, f"optimizer state {key!r}", a)
+    return params, optim, meta
+
+
+def check_finite(path: str | os.PathLike, what: str, a: np.ndarray) -> None:
+    """CheckpointError if a floating-point array of a checkpoint holds NaN or Inf (a diverged run)."""
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        raise CheckpointError(f"{path}: {what} holds NaN or Inf")
 
 
 def load_into(params: list[dict[str, Any]], loaded: list[dict[str, np.ndarray]]) -> None:
@@ -100,10 +113,17 @@ def load_into(params: list[dict[str, Any]], loaded: list[dict[str, np.ndarray]])
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step in `directory`, or None."""
+    """The complete checkpoint with the highest step in `directory`, or None.
+
+    A directory of multi-rank checkpoints (step-N/ with a manifest) is a CheckpointError: a
+    one-process run would otherwise ignore them and silently start afresh.
+    """
     for path in reversed(_checkpoints(directory)):
         if _is_complete(path):
             return path
+    if Path(directory).is_dir() and any((p / "manifest.json").is_file() for p in Path(directory).glob("step-*")):
+        raise CheckpointError(f"{directory} holds multi-rank checkpoints (step-N/ directories): resume them under "
+                              "mpirun, or use a fresh --checkpoint-dir")
     return None
 
 
@@ -181,7 +201,7 @@ def _is_complete(path: Path) -> bool:
         return False
 
 
-def _fsync(path: str | os.PathLike) -> None:
+def fsync(path: str | os.PathLike) -> None:
     """Force a file's or a directory's contents to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:

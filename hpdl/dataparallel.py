@@ -64,6 +64,7 @@ from .pipeline import microbatch
 from .pipeline.partition import stage_bounds
 from .pipeline.runtime import Feed, StageRunner, stage_shapes
 from .pipeline.schedules import SCHEDULES
+from .ps_checkpoints import PsCheckpoints
 from .ps.client import PsClient
 from .ps.pipelined import PIPELINED, SCHEDULE, backup_slots, base_spec
 from .ps.server import ShardServer, serve
@@ -320,25 +321,28 @@ def run_worker(cfg: Config, backend: Backend, plan: Plan, algo: Algorithm, topo:
     tracer.set_name(f"stage {s} / replica {m}")
     runner = StageRunner(layers, params, start, s, P, algo.schedule, n_micro if spec.flush else max(shape.updates, P),
                          None, channel, stage_shapes(plan.model.shapes(), (start, stop)), xp, dtype,
-                         tracer=tracer, poll=cfg.poll, update=updater)
+                         tracer=tracer, poll=cfg.poll, update=updater, on_nonfinite=cfg.on_nonfinite)
     has_data = runner.is_first or runner.is_last
     train = Loader(cfg.data, "train", cfg.batch_size, replica=m, replicas=plan.layout.replicas, seed=cfg.seed,
                    xp=xp, dtype=dtype) if has_data else None
     data = EpochBatches(train, shape.steps_per_epoch, n_micro)
     sched = make_schedule(cfg.lr_schedule, cfg.lr, shape.steps, warmup_steps=cfg.warmup_steps)
     hook = AfterUpdate(runner, shape, cfg, sched, runner.is_last and m == 0, topo.rank)
+    ckpt = PsCheckpoints(cfg, ps_comm, plan.layout.replicas, counts, shape.steps, shape.steps_per_epoch)
+    first = ckpt.restore_worker(plan.resume, updater, w, s, m)
     sizes = microbatch.sizes(cfg.batch_size, n_micro)
 
     t0 = time.perf_counter()
     if spec.flush:
         weights = microbatch.loss_weights(cfg.batch_size, n_micro)  # this replica's own mean loss
-        for k in range(shape.steps):
+        for k in range(first, shape.steps):
             updater.lookahead()
             runner.run(spec.generator(s, P, n_micro), Feed(
                 x=lambda mb: data.part(k, mb, 0), y=lambda mb: data.part(k, mb, 1),
                 weight=lambda mb: weights[mb], size=lambda mb: sizes[mb],
                 key=lambda mb: worker_key(cfg.seed, m, k) + ((mb,) if n_micro > 1 else ()),
                 lr=lambda mb: sched(k), on_step=hook))
+            ckpt.worker_step_done(k + 1, updater, w, s, m)
     else:  # one stream: micro-batch j is local update j, of its own mean loss
         runner.run(spec.generator(s, P, shape.updates), Feed(
             x=lambda j: data.part(j // n_micro, j % n_micro, 0), y=lambda j: data.part(j // n_micro, j % n_micro, 1),
@@ -382,8 +386,10 @@ def run_server(cfg: Config, plan: Plan, algo: Algorithm, topo: Topology, counts:
                 rule = algo.spec.make_server(w0[sh.lo:sh.hi], R * slots, algo.hyper)
                 log = DelayLog(R) if cfg.record else None
                 servers.append(ShardServer(ps_comm, sh, workers, rule, slots, log, cfg.poll))
+    ckpt = PsCheckpoints(cfg, ps_comm, R, counts, shape.steps, shape.steps_per_epoch)
+    ckpt.restore_servers(plan.resume, servers, algo.spec, algo.hyper)
     t0 = time.perf_counter()
-    serve(servers, cfg.poll, tracer)
+    serve(servers, cfg.poll, tracer, ckpt.server_checkpoint(servers, me))
     train_time = time.perf_counter() - t0
     waitall([srv.send_final(topo.world_rank(srv.shard.stage, 0)) for srv in servers], cfg.poll, peer="replicas 0")
     if cfg.record:  # the layout check left one server holding the whole model

@@ -11,6 +11,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .backend import Backend, to_host
+from .checkpoint_sharded import Resume
 from .comm.p2p import PipeChannel
 from .comm.topology import Layout, Topology, choose_layout
 from .comm.wait import wait
@@ -25,6 +26,8 @@ from .pipeline.partition import balance, describe, flop_costs, parse_partition, 
 from .pipeline.runtime import Feed, StageRunner, stage_shapes
 from .pipeline.schedules import SCHEDULES
 from .ps.pipelined import PIPELINED
+from .ps_checkpoints import PsResume
+from .stage_checkpoints import StageCheckpoints, plan_resume
 from .trace import Tracer, from_bytes, to_bytes, write_trace
 from .trainer import EVAL_BATCH, lr_record, make_run_lr_method, make_run_optimizer, test_loader, total_steps
 
@@ -49,12 +52,11 @@ class Plan:
     n_micro: int
     n_train: int
     n_test: int
+    resume: Resume | PsResume | None = None
 
 
 def plan_run(cfg: Config, world: int) -> Plan:
     """Model, layout and data sizes; raises a user error (identically on every rank) on a misfit."""
-    if cfg.checkpoint_dir:
-        raise ConfigError("--checkpoint-dir: checkpoints of multi-rank runs are not implemented yet")
     if cfg.eval_every:
         raise ConfigError("--eval-every: multi-rank runs evaluate at epoch ends only")
     model = build_model(cfg.model, **cfg.model_options)
@@ -65,7 +67,7 @@ def plan_run(cfg: Config, world: int) -> Plan:
     if n_train < cfg.batch_size * layout.replicas * cfg.accumulate:
         raise ConfigError(f"--batch-size {cfg.batch_size} x {layout.replicas} replicas x --accumulate "
                           f"{cfg.accumulate} exceeds the {n_train} training samples")
-    return Plan(model, layout, n_micro, n_train, split_size(cfg.data, "test"))
+    return Plan(model, layout, n_micro, n_train, split_size(cfg.data, "test"), plan_resume(cfg, model))
 
 
 def plan_layout(cfg: Config, model: Model, world: int):
@@ -174,25 +176,28 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
     spec = SCHEDULES[cfg.schedule]
     reporter = runner.is_last and topo.replica == 0
     metrics = Metrics(cfg.metrics, enabled=reporter)
-    bar = progress(total, 0, cfg.progress and rank == 0)
+    ckpt = StageCheckpoints(cfg, comm, topo, params, runner.optimizer, (start, stop), spe, method)
+    resumed = ckpt.restore(plan.resume)
+    bar = progress(total, resumed, cfg.progress and rank == 0)
     sizes = microbatch.sizes(cfg.batch_size, n_micro)
     # Flushed: each micro-batch's loss weighs b_i / (R B I), so the sum is the global mean.
     # Asynchronous: every micro-batch is its own update of its mean loss.
     weights = [w / I for w in microbatch.loss_weights(cfg.batch_size, n_micro, R)] if spec.flush \
         else [1.0 / R] * n_micro
 
-    step, train_time, last_eval = 0, 0.0, (float("nan"), float("nan"))
+    step, train_time, last_eval = resumed, 0.0, (float("nan"), float("nan"))
     fail_at = injected_fault(rank)
     comm.Barrier()
     while step < total:
         epoch = step // spe
         if epoch == fail_at:
             raise RuntimeError(f"fault injected by {FAULT_ENV} at epoch {epoch}")
+        first_k = step - epoch * spe  # > 0 when resumed inside an epoch
         steps_now = min(spe, total - epoch * spe)
         t0 = time.perf_counter()
         runner.loss_sum = 0.0
         if spec.flush:
-            for k in range(steps_now):
+            for k in range(first_k, steps_now):
                 src = Batches(train, epoch, k * I, n_micro)
                 g = epoch * spe + k
                 runner.run(spec.generator(s, P, n_micro * I), Feed(
@@ -201,6 +206,7 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
                     weight=lambda mb: weights[mb % n_micro], size=lambda mb: sizes[mb % n_micro],
                     key=lambda mb: (cfg.seed, g, mb), lr=lambda mb: sched(g)))
                 bar.update()
+                ckpt.after_step(g + 1)
                 if reporter and method is not None:
                     metrics.write(kind="lr", step=g + 1, **lr_record(layers, method, runner.optimizer, start))
                 if cfg.debug_checksum and (g + 1) % cfg.debug_checksum == 0:
@@ -226,7 +232,7 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
             if reporter:
                 metrics.write(kind="train", step=epoch * spe + steps_now, epoch=epoch,
                               loss=runner.loss_sum / (steps_now * n_micro), lr=sched(epoch * spe + steps_now - 1))
-        step += steps_now
+        step = epoch * spe + steps_now
         backend.synchronize()
         train_time += time.perf_counter() - t0
         if topo.replica == 0:
@@ -234,6 +240,10 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
             if reporter:
                 last_eval = (loss_sum / n, correct / n)
                 metrics.write(kind="eval", step=step, epoch=epoch + 1, test_loss=last_eval[0], test_acc=last_eval[1])
+        ckpt.at_epoch_end(step)
+    if resumed >= total and topo.replica == 0:  # resumed at the end: nothing trained, still report
+        loss_sum, correct, n = evaluate_stage(runner, test, n_test)
+        last_eval = (loss_sum / n, correct / n) if reporter else last_eval
     bar.close()
     metrics.close()
 
@@ -253,7 +263,7 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
     test_loss, test_acc = figures[0], figures[1]
     return {"algorithm": "sync", "test_acc": float(test_acc), "test_loss": float(test_loss),
             "epochs": step / spe, "steps": step,
-            "samples_per_s": step * cfg.batch_size * R * I / train_time if train_time else 0.0,
+            "samples_per_s": (step - resumed) * cfg.batch_size * R * I / train_time if train_time else 0.0,
             "train_s": train_time,
             "layout": str(layout), "partition": counts, "schedule": cfg.schedule, "microbatches": n_micro,
             "stash": stash, "p2p_bytes": traffic,

@@ -13,6 +13,7 @@ from .backend import Backend, BackendError
 from .checkpoint import CheckpointError
 from .config import ConfigError, make_config
 from .data import DataError
+from .guard import PEER_DEATH_GRACE_S, publish_rank_table
 from .metrics import print_result
 from .nonfinite import NonFiniteError
 from .trainer import train_local
@@ -83,11 +84,18 @@ def run_mpi(cfg, backend) -> dict | None | int:
     except USER_ERRORS as e:
         return user_error(e) if rank == 0 else 2
     try:
+        publish_rank_table(comm, plan.layout)  # lets hpdl.guard name a rank that dies
         with threadpool_limits(cfg.threads or default_threads(local_ranks(comm))), quiet_fp():
             return train(cfg, backend, plan, comm)
     except USER_ERRORS as e:
         print(f"hpdl.train: rank {rank}: error: {e}", file=sys.stderr, flush=True)
         comm.Abort(2)
+    except MPI.Exception as e:
+        # Most often a peer died mid-transfer: give its hpdl.guard time to name it before this abort ends the job.
+        print(f"hpdl.train: rank {rank}: MPI error ({' '.join(str(e).split())[:300]}); a peer rank probably died",
+              file=sys.stderr, flush=True)
+        time.sleep(PEER_DEATH_GRACE_S)
+        comm.Abort(1)
     except BaseException:
         print(f"hpdl.train: rank {rank}: {traceback.format_exc()}", file=sys.stderr, flush=True)
         comm.Abort(1)

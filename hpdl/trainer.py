@@ -17,11 +17,11 @@ from .metrics import Metrics, progress
 from .models import Model, backward, build_model, forward
 from .flat import Flat
 from .optim import LRMethod, make_lr_method, make_optimizer
+from .optim.largebatch import LR_STATE
 
 
 # Test-set batches: large, since evaluation keeps no caches.
 EVAL_BATCH = 1000
-LR_STATE = "lr_method/"  # prefix of the learning-rate method's state among the optimizer's
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:

@@ -25,6 +25,7 @@ from ..layers.base import Layer
 from .schedules import Schedule, make_schedule
 
 EPS = 1e-6
+LR_STATE = "lr_method/"  # prefix of a method's state among the optimizer's in checkpoints
 METHODS = ("none", "lsw", "lars", "lamb", "adascale", "lena")
 GAIN_METHODS = ("adascale", "lena")  # these need the micro-batch squared norms
 

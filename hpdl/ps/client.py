@@ -8,7 +8,7 @@ from mpi4py import MPI
 
 from ..backend import to_host
 from ..comm.wait import waitall
-from .messages import DONE, FETCH, PUSH, Message
+from .messages import CHECKPOINT, DONE, FETCH, PUSH, Message
 from .server import FINAL_TAG, MESSAGE_TAG, REPLY_TAG
 from .shards import Shard
 
@@ -50,6 +50,15 @@ class PsClient:
             msg.set(FETCH)
         self._send(msg.header() for msg in self.out)
         return self._wait(replies)
+
+    def checkpoint(self, step: int) -> None:
+        """Tell the servers this worker is at a checkpoint after `step`: after all its pushes, so a server that
+        has this message from every worker holds exactly their first `step` steps."""
+        self._reuse()
+        for msg in self.out:
+            msg.set(CHECKPOINT, step)
+        self._send(msg.header() for msg in self.out)
+        self._reuse()
 
     def finish(self, final: bool) -> np.ndarray | None:
         """Say DONE (with the push count the servers check); with `final`, receive the trained weights."""

@@ -7,6 +7,7 @@ import numpy as np
 PUSH = 1   # payload: the worker rule's message; the server applies it
 FETCH = 2  # no payload: send me your weights
 DONE = 3   # no payload: field `step` holds how many pushes this worker sent to this server
+CHECKPOINT = 4  # no payload: the worker has finished mini-batch step `step` and waits in a checkpoint
 
 FIELDS = ("kind", "step", "lr_bits", "reply")  # reply: 1 when the worker waits for an answer
 HEADER_BYTES = 8 * len(FIELDS)  # keeps the payload 8-byte aligned

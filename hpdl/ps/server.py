@@ -1,7 +1,7 @@
 """The parameter-server rank: applies each worker's message as it arrives (Testany over preposted receives)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from mpi4py import MPI
@@ -10,7 +10,7 @@ from ..algorithms.base import ServerRule
 from ..comm.wait import wait, waitall, waitany
 from ..delaylog import DelayLog
 from ..trace import Tracer
-from .messages import DONE, FETCH, PUSH, Message
+from .messages import CHECKPOINT, DONE, FETCH, PUSH, Message
 from .pipelined import rule_worker
 from .shards import Shard
 
@@ -63,6 +63,8 @@ class ShardServer:
             self._push(m, msg)
         elif msg.kind == FETCH:
             self._reply(m, self.rule.fetch(m))
+        elif msg.kind == CHECKPOINT:
+            pass  # serve() parks m until every worker is there
         elif msg.kind == DONE:
             if msg.step != self.applied[m]:
                 raise ExactlyOnceError(f"stage {self.shard.stage} shard {self.shard.index}: worker {m} sent "
@@ -102,22 +104,34 @@ class ShardServer:
         return self.comm.Isend(self.rule.w, dest=dest, tag=FINAL_TAG)
 
 
-def serve(servers: Sequence[ShardServer], poll: str = "sleep", tracer: Tracer | None = None) -> None:
+def serve(servers: Sequence[ShardServer], poll: str = "sleep", tracer: Tracer | None = None,
+          on_checkpoint: Callable[[int], None] | None = None) -> None:
     """Serve every worker of `servers` until each has sent DONE.
 
     One receive per (shard, worker) is always posted; Testany takes whichever message
-    arrived first, so a slow worker never holds up the others.
+    arrived first, so a slow worker never holds up the others. A worker's CHECKPOINT
+    parks it (no receive is posted for it); once every worker still serving is parked,
+    on_checkpoint(step) runs (the collective save) and serving resumes.
     """
     tracer = tracer or Tracer(0, enabled=False)
     owners = [(srv, m) for srv in servers for m in range(srv.n_workers)]
     requests = [srv.post(m) for srv, m in owners]
     active, status = len(requests), MPI.Status()
+    parked: list[int] = []
     while active:
         i = waitany(requests, status, poll, peer="parameter-server workers")
         srv, m = owners[i]
         with tracer.span("apply", "ps", stage=srv.shard.stage, shard=srv.shard.index, worker=m):
             more = srv.handle(m, status)
-        if more:
+        if srv.inbox[m].kind == CHECKPOINT:
+            parked.append(i)
+            requests[i] = MPI.REQUEST_NULL
+            if len(parked) == active:
+                on_checkpoint(srv.inbox[m].step)
+                for j in parked:
+                    requests[j] = owners[j][0].post(owners[j][1])
+                parked = []
+        elif more:
             requests[i] = srv.post(m)
         else:
             requests[i] = MPI.REQUEST_NULL

@@ -234,3 +234,25 @@ def test_bad_large_batch_options_are_one_line_errors(mnist_h5, capsys, argv, nee
     assert main(["--data", str(mnist_h5), "--no-progress", *argv]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_lena_resumes_exactly(mnist_h5, tmp_path, ranks):
+    """Stopped at step 4 and resumed to 8, a LENA run (mid warm-up) ends with the straight run's test loss:
+    its gain averages and layer progress are in the checkpoint (one process, and sharded on 2 replicas)."""
+    if ranks > 1 and not MPIRUN.exists():
+        pytest.skip("mpirun (the mpich wheel) is not installed")
+    launch = [str(MPIRUN), "-n", str(ranks)] if ranks > 1 else []
+    base = [*launch, sys.executable, "-m", "hpdl.train", "--data", str(mnist_h5), *small_mlp(tmp_path),
+            "--lr-method", "lena", "--accumulate", str(4 // ranks), "--batch-size", "32", "--warmup-steps", "20",
+            "--epochs", "1", "--lr-schedule", "constant", "--no-progress", *(["--stages", "1"] if ranks > 1 else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+    def test_loss(*flags):
+        proc = subprocess.run([*base, *flags], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("RESULT "))["test_loss"]
+    straight = test_loss("--max-steps", "8")
+    ckpt = str(tmp_path / "ckpt")
+    test_loss("--max-steps", "4", "--checkpoint-dir", ckpt, "--checkpoint-every", "4")
+    assert test_loss("--max-steps", "8", "--checkpoint-dir", ckpt, "--resume") == straight

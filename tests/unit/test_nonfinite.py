@@ -242,5 +242,5 @@ def test_skip_keeps_replicas_in_step(tiny_h5):
                                "--on-nonfinite", "skip"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("RESULT "))["steps"] == 6
-    skipped = [line for line in proc.stderr.splitlines() if line.startswith("warning: non-finite")]
-    assert len(skipped) == 2 * 5 and all("update skipped" in line for line in skipped)
+    # Counted in the whole text: two ranks' lines can interleave within one line of mpirun's output.
+    assert proc.stderr.count("warning: non-finite") == proc.stderr.count("update skipped") == 2 * 5
