@@ -190,3 +190,574 @@ def softmax_xent(logits, labels, dloss=1.0):
     load("softmax_xent").get_function("softmax_xent")(
         (B,), (block,), (logits, labels, loss, dlogits, np.int32(C), np.float32(dloss / B)))
     return loss.mean(), dlogits
+
+
+def float32_allowance(ref32, ref64, abs_sum=0.0):
+    """The error against the float64 reference a float32 kernel may have, per element: twice
+    the float32 reference's own largest error, plus 8 float32 ulps of the largest magnitude,
+    plus 8 eps sum|t| where an output is a sum of terms t (abs_sum: sum|t| per output).
+
+    This is the contract of the kernels that reduce (norms, sums of squares): they add in a
+    different order from NumPy's pairwise sums, so they must be as accurate as NumPy float32
+    rather than equal to it. A sum's rounding error in an order whose last additions form a
+    tree is of order eps sum|t|, whichever order that is.
+    """
+    ref32, ref64 = (np.asarray(a, dtype=np.float64) for a in (ref32, ref64))
+    eps = float(np.finfo(np.float32).eps)
+    largest = np.abs(ref64).max(initial=0.0)
+    return 2 * np.abs(ref32 - ref64).max(initial=0.0) + 8 * eps * (largest + np.asarray(abs_sum, dtype=np.float64))
+
+
+# ---- optimizer updates: kernels/optim_update.cu --------------------------------------------
+#
+# In place, one tensor (or flat vector) per call. The kernels round every operation as
+# NumPy does, in the same order, and their float32 coefficients are rounded here from the
+# same Python doubles the NumPy code multiplies by: kernel and reference agree bit for bit.
+
+def _check_same(*arrays) -> None:
+    shapes = {a.shape for a in arrays if a is not None}
+    if len(shapes) > 1:
+        raise ValueError(f"arrays must share one shape, got {' and '.join(map(str, sorted(shapes)))}")
+
+
+def _written(*arrays) -> None:
+    """A kernel's in-place arrays must be C-contiguous: a contiguous copy would take the writes."""
+    for a in arrays:
+        if a is not None and not a.flags.c_contiguous:
+            raise ValueError(f"arrays updated in place must be C-contiguous, got strides {a.strides}")
+
+
+def _launch_flat(kernel, n: int, *args) -> None:
+    """Run an element-wise kernel over n elements with a grid-stride launch."""
+    kernel(_grid_flat(n), (ELEMENTWISE_BLOCK,), args)
+
+
+def sgd_update_ref(w, g, lr: float, wd: float = 0.0, momentum: float = 0.0, nesterov: bool = False,
+                   buf=None, first: bool = False) -> None:
+    """One tensor's step of hpdl.optim.SGD, in place on w and buf:
+
+        d = w wd + g  (wd != 0);  buf = d on the first step, else buf mu + d;
+        d = buf mu + d  (Nesterov)  or  d = buf;  w -= lr d
+
+    buf: the momentum buffer, required when momentum != 0 and overwritten when `first`.
+    """
+    d = g
+    if wd:
+        d = w * wd
+        d += g
+    if momentum:
+        if first:
+            buf[...] = d
+        else:
+            buf *= momentum
+            buf += d
+        if nesterov:
+            ahead = buf * momentum
+            ahead += d
+            d = ahead
+        else:
+            d = buf
+    w -= lr * d
+
+
+def sgd_update(w, g, lr: float, wd: float = 0.0, momentum: float = 0.0, nesterov: bool = False,
+               buf=None, first: bool = False) -> None:
+    """sgd_update_ref in one kernel launch on the GPU."""
+    if momentum and buf is None:
+        raise ValueError("SGD with momentum needs its buffer: pass buf")
+    buf = buf if momentum else None
+    _check_same(w, g, buf)
+    if not _use_kernel(*(a for a in (w, g, buf) if a is not None)):
+        return sgd_update_ref(w, g, lr, wd, momentum, nesterov, buf, first)
+    _written(w, buf)
+    g = array_module(g).ascontiguousarray(g)
+    _launch_flat(load("optim_update").get_function("sgd_update"),
+                 w.size, w, g, w if buf is None else buf, np.uint64(w.size),
+                 np.float32(lr), np.float32(wd), np.float32(momentum), np.int32(nesterov),
+                 np.int32(first))
+
+
+def adamw_update_ref(w, g, m, v, lr: float, step: int, wd: float = 0.0,
+                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    """One tensor's step of hpdl.optim.AdamW at step t = `step` (1 on the first), in place:
+
+        w *= 1 - lr wd;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+        w -= lr / (1-b1^t) * m / (sqrt(v) / sqrt(1-b2^t) + eps)
+    """
+    xp = array_module(w)
+    b1, b2 = betas
+    if wd:
+        w *= 1.0 - lr * wd
+    s = g * (1.0 - b1)
+    m *= b1
+    m += s
+    xp.multiply(g, g, out=s)
+    s *= 1.0 - b2
+    v *= b2
+    v += s
+    xp.sqrt(v, out=s)
+    s /= math.sqrt(1.0 - b2 ** step)
+    s += eps
+    xp.divide(m, s, out=s)
+    s *= lr / (1.0 - b1 ** step)
+    w -= s
+
+
+def adamw_update(w, g, m, v, lr: float, step: int, wd: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    """adamw_update_ref in one kernel launch on the GPU (12 CuPy launches in the reference)."""
+    if step < 1:
+        raise ValueError(f"AdamW steps count from 1, got {step}")
+    _check_same(w, g, m, v)
+    if not _use_kernel(w, g, m, v):
+        return adamw_update_ref(w, g, m, v, lr, step, wd, betas, eps)
+    _written(w, m, v)
+    g = array_module(g).ascontiguousarray(g)
+    b1, b2 = betas
+    f = np.float32
+    _launch_flat(load("optim_update").get_function("adamw_update"),
+                 w.size, w, g, m, v, np.uint64(w.size), f(1.0 - lr * wd),
+                 np.int32(bool(wd)), f(b1), f(1.0 - b1), f(b2), f(1.0 - b2),
+                 f(math.sqrt(1.0 - b2 ** step)), f(eps), f(lr / (1.0 - b1 ** step)))
+
+
+def dcasgd_update_ref(w, backup, g, lr: float, lambda_dc: float, ms=None,
+                      ms_decay: float | None = None, eps_dc: float | None = None) -> None:
+    """The DC-ASGD server's update for a gradient g from worker m, as
+    hpdl.algorithms.dcasgd's servers' `apply`, in place on w, backup (= w_bak(m)) and ms:
+
+        t = (w - w_bak) g g;  DC-ASGD-a (ms given): ms = decay ms + (1-decay) g^2,
+        t = t / sqrt(ms + eps_dc);  w -= lr (lambda t + g);  w_bak = w  (the reply)
+
+    ms is None for DC-ASGD-c (constant lambda), else worker m's mean-square row.
+    """
+    xp = array_module(w)
+    t = w - backup
+    t *= g
+    t *= g
+    if ms is not None:
+        ms *= ms_decay
+        s = g * g
+        s *= 1.0 - ms_decay
+        ms += s
+        xp.add(ms, eps_dc, out=s)
+        xp.sqrt(s, out=s)
+        t /= s
+    t *= lambda_dc
+    t += g
+    t *= lr
+    w -= t
+    backup[...] = w
+
+
+def dcasgd_update(w, backup, g, lr: float, lambda_dc: float, ms=None,
+                  ms_decay: float | None = None, eps_dc: float | None = None) -> None:
+    """dcasgd_update_ref in one kernel launch on the GPU."""
+    if ms is not None and (ms_decay is None or eps_dc is None):
+        raise ValueError("DC-ASGD-a (ms given) needs ms_decay and eps_dc")
+    _check_same(w, backup, g, ms)
+    if not _use_kernel(*(a for a in (w, backup, g, ms) if a is not None)):
+        return dcasgd_update_ref(w, backup, g, lr, lambda_dc, ms, ms_decay, eps_dc)
+    _written(w, backup, ms)
+    g = array_module(g).ascontiguousarray(g)
+    adaptive = ms is not None
+    _launch_flat(load("optim_update").get_function("dcasgd_update"),
+                 w.size, w, backup, g, ms if adaptive else w, np.uint64(w.size),
+                 np.float32(lr), np.float32(lambda_dc), np.int32(adaptive),
+                 np.float32(ms_decay if adaptive else 0.0),
+                 np.float32(1.0 - ms_decay if adaptive else 0.0),
+                 np.float32(eps_dc if adaptive else 0.0))
+
+
+def easgd_elastic_ref(center, x, alpha: float, out=None):
+    """Asynchronous EASGD's centre step, as hpdl.algorithms.easgd.EasgdServer, in place:
+
+        e = alpha (x - center);  center += e;  returns e (the reply), written to `out` if given
+    """
+    e = array_module(center).subtract(x, center, out=out)
+    e *= alpha
+    center += e
+    return e
+
+
+def easgd_elastic(center, x, alpha: float, out=None):
+    """easgd_elastic_ref in one kernel launch on the GPU."""
+    _check_same(center, x, out)
+    if not _use_kernel(center, x):
+        return easgd_elastic_ref(center, x, alpha, out)
+    _written(center)
+    x = array_module(x).ascontiguousarray(x)
+    e = _out(out, center)
+    _launch_flat(load("optim_update").get_function("easgd_elastic"),
+                 center.size, center, x, e, np.uint64(center.size), np.float32(alpha))
+    return e
+
+
+def easgd_sync_worker_ref(x, center, g, lr: float, rho: float) -> None:
+    """Synchronous EASGD, a replica's half, as hpdl.algorithms.easgd.easgd_sync_worker:
+
+        x -= lr (g + rho (x - center))
+    """
+    d = x - center
+    d *= float(rho)
+    d += g
+    d *= float(lr)
+    x -= d
+
+
+def easgd_sync_worker(x, center, g, lr: float, rho: float) -> None:
+    """easgd_sync_worker_ref in one kernel launch on the GPU."""
+    _check_same(x, center, g)
+    if not _use_kernel(x, center, g):
+        return easgd_sync_worker_ref(x, center, g, lr, rho)
+    _written(x)
+    cp = array_module(x)
+    center, g = cp.ascontiguousarray(center), cp.ascontiguousarray(g)
+    _launch_flat(load("optim_update").get_function("easgd_sync_worker"),
+                 x.size, x, center, g, np.uint64(x.size),
+                 np.float32(lr), np.float32(rho))
+
+
+def easgd_sync_center_ref(center, x_sum, n_workers: int, lr: float, rho: float) -> None:
+    """Synchronous EASGD, the centre's half, as hpdl.algorithms.easgd.easgd_sync_center:
+
+        center += lr rho (x_sum - N center)
+    """
+    d = center * -float(n_workers)
+    d += x_sum
+    d *= float(lr) * float(rho)
+    center += d
+
+
+def easgd_sync_center(center, x_sum, n_workers: int, lr: float, rho: float) -> None:
+    """easgd_sync_center_ref in one kernel launch on the GPU."""
+    _check_same(center, x_sum)
+    if not _use_kernel(center, x_sum):
+        return easgd_sync_center_ref(center, x_sum, n_workers, lr, rho)
+    _written(center)
+    x_sum = array_module(x_sum).ascontiguousarray(x_sum)
+    _launch_flat(load("optim_update").get_function("easgd_sync_center"),
+                 center.size, center, x_sum, np.uint64(center.size),
+                 np.float32(-float(n_workers)), np.float32(float(lr) * float(rho)))
+
+
+# ---- LayerNorm and BatchNorm: kernels/norm.cu ----------------------------------------------
+
+NORM_MAX_BLOCK = 512     # threads per row or channel; longer ones loop
+COLUMN_CHUNK_ROWS = 32   # rows per partial sum of the LayerNorm parameter gradients
+MAX_COLUMN_CHUNKS = 1024
+
+
+def _norm_block(n: int) -> int:
+    return min(NORM_MAX_BLOCK, 32 * math.ceil(max(n, 1) / 32))  # whole warps: block_sum needs them
+
+
+def layernorm_forward_ref(x, gamma, beta, eps: float = 1e-5):
+    """LayerNorm.forward over the last axis.  x: (..., n)  gamma, beta: (n,)
+
+        xc = x - mean(x);  rstd = 1 / sqrt(mean(xc^2) + eps);  xhat = xc rstd;
+        y = xhat gamma + beta   ->  (y, xhat, rstd), rstd shaped (..., 1) as the layer's cache
+    """
+    xp = array_module(x)
+    xc = x - x.mean(axis=-1, keepdims=True)
+    rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+    xhat = xc * rstd
+    return xhat * gamma + beta, xhat, rstd
+
+
+def layernorm_backward_ref(dy, xhat, rstd, gamma):
+    """LayerNorm.backward.  dy, xhat: (..., n)  rstd: (..., 1)  ->  (dx, dgamma, dbeta)
+
+        dxhat = dy gamma;  dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat));
+        dgamma = sum of dy xhat, dbeta = sum of dy, over every axis but the last
+    """
+    dxhat = dy * gamma
+    mean_d = dxhat.mean(axis=-1, keepdims=True)
+    mean_dx = (dxhat * xhat).mean(axis=-1, keepdims=True)
+    dx = rstd * (dxhat - mean_d - xhat * mean_dx)
+    n = gamma.shape[0]
+    dy2, xhat2 = dy.reshape(-1, n), xhat.reshape(-1, n)
+    return dx, (dy2 * xhat2).sum(axis=0), dy2.sum(axis=0)
+
+
+def _check_norm(x, gamma, beta, axis: int) -> None:
+    if x.ndim < 2 or gamma.shape != (x.shape[axis],) or (beta is not None and beta.shape != gamma.shape):
+        raise ValueError(f"expected x with {x.shape[axis] if x.ndim >= 2 else '?'} features on axis "
+                         f"{axis} and gamma, beta of that length, got x {x.shape}, gamma {gamma.shape}")
+
+
+def layernorm_forward(x, gamma, beta, eps: float = 1e-5):
+    """layernorm_forward_ref, one block per row on the GPU."""
+    _check_norm(x, gamma, beta, -1)
+    if not _use_kernel(x, gamma, beta):
+        return layernorm_forward_ref(x, gamma, beta, eps)
+    cp = array_module(x)
+    x, gamma, beta = cp.ascontiguousarray(x), cp.ascontiguousarray(gamma), cp.ascontiguousarray(beta)
+    n = x.shape[-1]
+    R = x.size // n
+    y, xhat = cp.empty_like(x), cp.empty_like(x)
+    rstd = cp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
+    load("norm").get_function("layernorm_forward")(
+        (max(1, min(R, MAX_GRID)),), (_norm_block(n),),
+        (x, gamma, beta, y, xhat, rstd, np.int32(R), np.int32(n), np.float32(eps)))
+    return y, xhat, rstd
+
+
+def layernorm_backward(dy, xhat, rstd, gamma):
+    """layernorm_backward_ref on the GPU: one block per row for dx, two launches for dgamma, dbeta."""
+    _check_norm(dy, gamma, None, -1)
+    _check_same(dy, xhat)
+    if rstd.shape != dy.shape[:-1] + (1,):
+        raise ValueError(f"rstd must be {dy.shape[:-1] + (1,)}, got {rstd.shape}")
+    if not _use_kernel(dy, xhat, rstd, gamma):
+        return layernorm_backward_ref(dy, xhat, rstd, gamma)
+    cp = array_module(dy)
+    dy, xhat, rstd, gamma = (cp.ascontiguousarray(a) for a in (dy, xhat, rstd, gamma))
+    n = dy.shape[-1]
+    R = dy.size // n
+    dx = cp.empty_like(dy)
+    load("norm").get_function("layernorm_backward")(
+        (max(1, min(R, MAX_GRID)),), (_norm_block(n),),
+        (dy, xhat, rstd, gamma, dx, np.int32(R), np.int32(n)))
+    chunks = max(1, min(math.ceil(R / COLUMN_CHUNK_ROWS), MAX_COLUMN_CHUNKS))
+    rows_per_chunk = max(1, math.ceil(R / chunks))
+    partial = cp.empty((chunks, 2, n), dtype=dy.dtype)
+    load("norm").get_function("column_sums_partial")(
+        (max(1, min(math.ceil(n / ELEMENTWISE_BLOCK), MAX_GRID)), chunks), (ELEMENTWISE_BLOCK,),
+        (dy, xhat, partial, np.int32(R), np.int32(n), np.int32(rows_per_chunk)))
+    sums = cp.empty(2 * n, dtype=dy.dtype)
+    load("norm").get_function("column_sums_finish")(
+        _grid_flat(2 * n), (ELEMENTWISE_BLOCK,), (partial, sums, np.int32(chunks), np.int32(2 * n)))
+    return dx, sums[:n], sums[n:]
+
+
+def _channel_shape(x) -> tuple[int, ...]:
+    return (1, x.shape[1]) + (1,) * (x.ndim - 2)   # broadcasts (C,) against x
+
+
+def batchnorm_forward_ref(x, gamma, beta, running_mean, running_var, eps: float = 1e-5,
+                          momentum: float = 0.1):
+    """BatchNorm.forward in training mode.  x: (N, C) or (N, C, H, W)  gamma, beta: (C,)
+
+    Per channel, over the M = N H W values: xc = x - mean;  var = mean(xc^2);
+    rstd = 1 / sqrt(var + eps);  xhat = xc rstd;  y = xhat gamma + beta;  and in place
+    running_mean = (1-m) running_mean + m mean,  running_var = (1-m) running_var + m M/(M-1) var.
+    Returns (y, xhat, rstd), rstd shaped (1, C, 1, 1) (or (1, C)) as the layer's cache.
+    """
+    xp = array_module(x)
+    axes = (0,) + tuple(range(2, x.ndim))
+    as_channel = _channel_shape(x)
+    mean = x.mean(axis=axes, keepdims=True)
+    xc = x - mean
+    var = (xc * xc).mean(axis=axes, keepdims=True)
+    count = x.size // x.shape[1]
+    unbiased = count / max(count - 1, 1)
+    running_mean *= 1.0 - momentum
+    running_mean += momentum * mean.reshape(-1)
+    running_var *= 1.0 - momentum
+    running_var += (momentum * unbiased) * var.reshape(-1)
+    rstd = 1.0 / xp.sqrt(var + eps)
+    xhat = xc * rstd
+    return xhat * gamma.reshape(as_channel) + beta.reshape(as_channel), xhat, rstd
+
+
+def batchnorm_backward_ref(dy, xhat, rstd, gamma):
+    """BatchNorm.backward in training mode.  dy, xhat: (N, C[, H, W])  ->  (dx, dgamma, dbeta)
+
+        dxhat = dy gamma;  dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat));
+        dgamma = sum of dy xhat, dbeta = sum of dy;  means and sums per channel
+    """
+    axes = (0,) + tuple(range(2, dy.ndim))
+    dxhat = dy * gamma.reshape(_channel_shape(dy))
+    mean_d = dxhat.mean(axis=axes, keepdims=True)
+    mean_dx = (dxhat * xhat).mean(axis=axes, keepdims=True)
+    dx = rstd * (dxhat - mean_d - xhat * mean_dx)
+    return dx, (dy * xhat).sum(axis=axes), dy.sum(axis=axes)
+
+
+def _nc_s(x) -> tuple[int, int, int]:
+    """(N, C, S): x seen as (N, C, S), S = H W (1 for (N, C))."""
+    n, c = x.shape[:2]
+    return n, c, x.size // max(n * c, 1)
+
+
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, eps: float = 1e-5,
+                      momentum: float = 0.1):
+    """batchnorm_forward_ref, one block per channel on the GPU."""
+    _check_norm(x, gamma, beta, 1)
+    _check_same(gamma, running_mean, running_var)
+    if not _use_kernel(x, gamma, beta, running_mean, running_var):
+        return batchnorm_forward_ref(x, gamma, beta, running_mean, running_var, eps, momentum)
+    _written(running_mean, running_var)
+    cp = array_module(x)
+    x, gamma, beta = cp.ascontiguousarray(x), cp.ascontiguousarray(gamma), cp.ascontiguousarray(beta)
+    N, C, S = _nc_s(x)
+    count = N * S
+    y, xhat = cp.empty_like(x), cp.empty_like(x)
+    rstd = cp.empty(_channel_shape(x), dtype=x.dtype)
+    load("norm").get_function("batchnorm_forward")(
+        (max(1, min(C, MAX_GRID)),), (_norm_block(count),),
+        (x, gamma, beta, y, xhat, rstd, running_mean, running_var, np.int32(N), np.int32(C),
+         np.int32(S), np.float32(eps), np.float32(1.0 - momentum), np.float32(momentum),
+         np.float32(momentum * (count / max(count - 1, 1)))))
+    return y, xhat, rstd
+
+
+def batchnorm_backward(dy, xhat, rstd, gamma):
+    """batchnorm_backward_ref, one block per channel on the GPU (dx, dgamma, dbeta in one launch)."""
+    _check_norm(dy, gamma, None, 1)
+    _check_same(dy, xhat)
+    if rstd.shape != _channel_shape(dy):
+        raise ValueError(f"rstd must be {_channel_shape(dy)}, got {rstd.shape}")
+    if not _use_kernel(dy, xhat, rstd, gamma):
+        return batchnorm_backward_ref(dy, xhat, rstd, gamma)
+    cp = array_module(dy)
+    dy, xhat, rstd, gamma = (cp.ascontiguousarray(a) for a in (dy, xhat, rstd, gamma))
+    N, C, S = _nc_s(dy)
+    dx = cp.empty_like(dy)
+    dgamma, dbeta = cp.empty(C, dtype=dy.dtype), cp.empty(C, dtype=dy.dtype)
+    load("norm").get_function("batchnorm_backward")(
+        (max(1, min(C, MAX_GRID)),), (_norm_block(N * S),),
+        (dy, xhat, rstd, gamma, dx, dgamma, dbeta, np.int32(N), np.int32(C), np.int32(S)))
+    return dx, dgamma, dbeta
+
+
+# ---- im2col / col2im: kernels/im2col.cu -----------------------------------------------------
+
+def _conv_out(size: int, k: int, stride: int, pad: int) -> int:
+    # hpdl.layers.conv.out_size, not imported: conv is where these kernels would be called from.
+    return (size + 2 * pad - k) // stride + 1
+
+
+def _check_conv(x_shape, k: int, stride: int, pad: int) -> tuple[int, int]:
+    if len(x_shape) != 4 or k < 1 or stride < 1 or pad < 0:
+        raise ValueError(f"expected (N, C, H, W), k >= 1, stride >= 1, pad >= 0, got {tuple(x_shape)}, "
+                         f"k={k}, stride={stride}, pad={pad}")
+    ho, wo = _conv_out(x_shape[2], k, stride, pad), _conv_out(x_shape[3], k, stride, pad)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"a {k}x{k} kernel with pad {pad} does not fit a {x_shape[2]}x{x_shape[3]} image")
+    return ho, wo
+
+
+def _taps(xp, k: int, stride: int, n_out: int):
+    """(k, n_out): the padded-image row (or column) i + a stride that tap i reads for output a."""
+    return xp.arange(k)[:, None] + stride * xp.arange(n_out)[None, :]
+
+
+def im2col_ref(x, k: int, stride: int, pad: int, batched: bool = True):
+    """Patches of x as columns, as hpdl.layers.conv.im2col:
+
+        cols[c, i, j, n, a, b] = x[n, c, a stride + i - pad, b stride + j - pad]  (0 outside x)
+
+    laid out (C k k, N Ho Wo) as conv.im2col, or sample-major (N, C k k, Ho Wo) when batched
+    (the layout from which a batched product W @ cols lands in NCHW without a transpose).
+    """
+    xp = array_module(x)
+    n, c = x.shape[:2]
+    ho, wo = _check_conv(x.shape, k, stride, pad)
+    xpad = xp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))) if pad else x
+    rows, cols = _taps(xp, k, stride, ho), _taps(xp, k, stride, wo)
+    patches = xpad[:, :, rows[:, None, :, None], cols[None, :, None, :]]   # (N, C, k, k, Ho, Wo)
+    if batched:
+        return patches.reshape(n, c * k * k, ho * wo)
+    return patches.transpose(1, 2, 3, 0, 4, 5).reshape(c * k * k, n * ho * wo)
+
+
+def col2im_ref(cols, x_shape, k: int, stride: int, pad: int, batched: bool = False):
+    """The adjoint of im2col_ref, as hpdl.layers.conv.col2im (layout (C k k, N Ho Wo), or
+    (N, C k k, Ho Wo) when batched): x[n, c, h, w] is the sum of cols[c, i, j, n, a, b] over
+    a stride + i - pad = h, b stride + j - pad = w, added in the order i, then j, ascending.
+    """
+    xp = array_module(cols)
+    n, c, h, w = x_shape
+    ho, wo = _check_conv(x_shape, k, stride, pad)
+    if batched:
+        taps = cols.reshape(n, c, k, k, ho, wo)
+    else:
+        taps = cols.reshape(c, k, k, n, ho, wo).transpose(3, 0, 1, 2, 4, 5)
+    dx = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
+    for i in range(k):
+        for j in range(k):
+            dx[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride] += taps[:, :, i, j]
+    return xp.ascontiguousarray(dx[:, :, pad:pad + h, pad:pad + w])
+
+
+def _conv_args(x_shape, k: int, stride: int, pad: int, ho: int, wo: int, batched: bool) -> tuple:
+    return (*(np.int32(v) for v in (*x_shape, k, stride, pad, ho, wo)), np.int32(batched))
+
+
+def im2col(x, k: int, stride: int, pad: int, batched: bool = True):
+    """im2col_ref in one launch on the GPU, reading the padding as zeros (no padded copy of x)."""
+    ho, wo = _check_conv(x.shape, k, stride, pad)
+    if not _use_kernel(x):
+        return im2col_ref(x, k, stride, pad, batched)
+    cp = array_module(x)
+    x = cp.ascontiguousarray(x)
+    n, c = x.shape[:2]
+    shape = (n, c * k * k, ho * wo) if batched else (c * k * k, n * ho * wo)
+    cols = cp.empty(shape, dtype=x.dtype)
+    load("im2col").get_function("im2col")(
+        _grid_flat(cols.size), (ELEMENTWISE_BLOCK,), (x, cols, *_conv_args(x.shape, k, stride, pad, ho, wo, batched)))
+    return cols
+
+
+def col2im(cols, x_shape, k: int, stride: int, pad: int, batched: bool = False):
+    """col2im_ref in one launch on the GPU: a gather, one thread per element of x (see im2col.cu)."""
+    ho, wo = _check_conv(x_shape, k, stride, pad)
+    n, c = x_shape[:2]
+    expected = (n, c * k * k, ho * wo) if batched else (c * k * k, n * ho * wo)
+    if cols.shape != expected:
+        raise ValueError(f"cols for x {tuple(x_shape)} must be {expected}, got {cols.shape}")
+    if not _use_kernel(cols):
+        return col2im_ref(cols, x_shape, k, stride, pad, batched)
+    cp = array_module(cols)
+    cols = cp.ascontiguousarray(cols)
+    x = cp.empty(tuple(x_shape), dtype=cols.dtype)
+    load("im2col").get_function("col2im")(
+        _grid_flat(x.size), (ELEMENTWISE_BLOCK,), (cols, x, *_conv_args(x_shape, k, stride, pad, ho, wo, batched)))
+    return x
+
+
+# ---- per-tensor sums of squares: kernels/sum_squares.cu -------------------------------------
+
+SUM_SQUARES_MAX_PARTIALS = 256   # blocks per tensor in stage 1; stage 2 adds them in one block
+SUM_SQUARES_PER_THREAD = 4       # elements a stage-1 thread reads at least, so small tensors take few blocks
+
+
+def _address(a) -> int:
+    """The device address of a CuPy array's first element."""
+    return a.data.ptr
+
+
+def sum_squares_ref(arrays):
+    """s[t] = sum of arrays[t]^2, one entry per tensor, on the arrays' device (no host sync):
+    each the dot product that hpdl.backend.sum_of_squares adds up; LARS and LAMB norms are
+    the square roots, LENA's per-layer squared norms the sums over each layer's tensors."""
+    xp = array_module(arrays[0])
+    return xp.stack([xp.dot(a.ravel(), a.ravel()) for a in arrays])
+
+
+def sum_squares(arrays):
+    """sum_squares_ref for any number of tensors in two launches on the GPU (T <= 65535)."""
+    arrays = list(arrays)
+    if not arrays:
+        raise ValueError("sum_squares needs at least one array")
+    if len({a.dtype for a in arrays}) > 1:
+        raise ValueError(f"arrays must share one dtype, got {sorted({a.dtype.name for a in arrays})}")
+    if not _use_kernel(*arrays):
+        return sum_squares_ref(arrays)
+    if len(arrays) > MAX_GRID:
+        raise ValueError(f"at most {MAX_GRID} tensors per call, got {len(arrays)}")
+    cp = array_module(arrays[0])
+    # The contiguous copies stay referenced in `arrays` until both launches are queued.
+    arrays = [cp.ascontiguousarray(a) for a in arrays]
+    ptrs = cp.asarray(np.array([_address(a) for a in arrays], dtype=np.uint64))
+    sizes = cp.asarray(np.array([a.size for a in arrays], dtype=np.int64))
+    largest = max(a.size for a in arrays)
+    P = max(1, min(math.ceil(largest / (ELEMENTWISE_BLOCK * SUM_SQUARES_PER_THREAD)), SUM_SQUARES_MAX_PARTIALS))
+    T = len(arrays)
+    partial = cp.empty((T, P), dtype=cp.float32)
+    out = cp.empty(T, dtype=cp.float32)
+    load("sum_squares").get_function("sum_squares_partial")((P, T), (ELEMENTWISE_BLOCK,), (ptrs, sizes, partial))
+    load("sum_squares").get_function("sum_squares_finish")((T,), (ELEMENTWISE_BLOCK,), (partial, out, np.int32(P)))
+    return out

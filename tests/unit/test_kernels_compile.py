@@ -1,12 +1,15 @@
-"""kernels/*.cu compile to PTX for A100 and H100, and hpdl.kernels' NumPy references are right."""
+"""kernels/*.cu compile to PTX (A100, H100), match hpdl.kernels' oracles built for the host, and the oracles are right."""
 from __future__ import annotations
 
+import ctypes
 import inspect
+import itertools
 import math
 import os
 import re
 import shutil
 import subprocess
+import threading
 
 import numpy as np
 import pytest
@@ -28,37 +31,46 @@ NVCC = _find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH nor at /usr/local/cuda/bin")
 
 
-def _ptx(cu, arch, tmp_path) -> str:
-    out = tmp_path / f"{cu.stem}_{arch}.ptx"
-    # -std=c++17 as in kernels.load, so nvcc sees the dialect NVRTC will.
-    proc = subprocess.run([NVCC, "-std=c++17", "-ptx", f"-arch={arch}", str(cu), "-o", str(out)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, f"nvcc failed on {cu.name} for {arch}:\n{proc.stderr}"
-    return out.read_text()
+@pytest.fixture(scope="module")
+def ptx(tmp_path_factory) -> dict[tuple[str, str], str]:
+    """PTX text by (file stem, arch): one nvcc call per arch compiles every file, both archs at once."""
+    out = tmp_path_factory.mktemp("ptx")
+    procs = {}
+    for arch in ARCHS:
+        (out / arch).mkdir()
+        # -std=c++17 as in kernels.load, so nvcc sees the dialect NVRTC will.
+        procs[arch] = subprocess.Popen([NVCC, "-std=c++17", "-ptx", f"-arch={arch}", *map(str, CU_FILES),
+                                        "--output-directory", str(out / arch)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for arch, proc in procs.items():
+        _, stderr = proc.communicate()
+        assert proc.returncode == 0, f"nvcc failed for {arch}:\n{stderr}"
+    return {(cu.stem, arch): (out / arch / f"{cu.stem}.ptx").read_text() for cu in CU_FILES for arch in ARCHS}
 
 
 def test_kernel_dir_has_sources():
     """The loader's kernel directory exists and holds the .cu files the tests iterate over."""
-    assert {p.name for p in CU_FILES} >= {"bias_act.cu", "softmax_xent.cu"}
+    assert {p.name for p in CU_FILES} >= {"bias_act.cu", "softmax_xent.cu", "optim_update.cu", "norm.cu",
+                                         "im2col.cu", "sum_squares.cu"}
 
 
 @needs_nvcc
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
-def test_compiles_to_ptx(cu, arch, tmp_path):
+def test_compiles_to_ptx(cu, arch, ptx):
     """Every kernels/*.cu compiles with nvcc to PTX for the given architecture."""
-    assert ".entry" in _ptx(cu, arch, tmp_path)
+    assert ".entry" in ptx[(cu.stem, arch)]
 
 
 @needs_nvcc
-def test_launched_kernels_exist(tmp_path):
-    """Each (file, kernel) that hpdl.kernels launches is an extern "C" entry of that file's PTX,
-    so a misspelt name fails here rather than only on a GPU machine."""
-    launched = re.findall(r'load\("(\w+)"\)\.get_function\("(\w+)"\)', inspect.getsource(kernels))
-    assert len(launched) == 5
-    for name, fn in launched:
-        ptx = _ptx(kernels.KERNEL_DIR / f"{name}.cu", "sm_80", tmp_path)
-        assert f".entry {fn}(" in ptx, f"{fn} is not an entry point of kernels/{name}.cu"
+def test_launched_kernels_are_the_entry_points(ptx):
+    """The (file, kernel) pairs hpdl.kernels launches are exactly the extern "C" entries of the
+    files' PTX: a misspelt name fails here rather than only on a GPU machine, and no kernel
+    sits compiled but never launched."""
+    launched = set(re.findall(r'load\("(\w+)"\)\.get_function\("(\w+)"\)', inspect.getsource(kernels)))
+    entries = {(cu.stem, fn) for cu in CU_FILES
+               for fn in re.findall(r"\.entry (\w+)\(", ptx[(cu.stem, "sm_80")])}
+    assert launched == entries, f"launched only: {launched - entries}, compiled only: {entries - launched}"
 
 
 # ---- NumPy references ------------------------------------------------------------------------
@@ -176,3 +188,266 @@ def test_shape_errors_are_reported():
         kernels.bias_relu_forward(np.zeros((3, 4), np.float32), np.zeros(5, np.float32))
     with pytest.raises(ValueError, match=r"\(2,\)"):
         softmax_xent(np.zeros((3, 4), np.float32), np.zeros(2, np.int64))
+
+
+# ---- the kernels, run on the host ----------------------------------------------------------
+#
+# The shim below compiles the .cu sources as C++ with the CUDA built-ins they use, and
+# hpdl.kernels' own launchers (argument conversion, grid and block sizes) call them through
+# a stand-in loader. Blocks run one after another, so __shared__ memory is a static array.
+# Element-wise kernels run their threads one after another too; kernels that cooperate
+# within a block (__syncthreads, warp shuffles) run each block's threads as OS threads
+# meeting at pthread barriers, one barrier per block and one per warp.
+
+SHIM = r"""
+#include <cmath>
+#include <cstddef>
+#include <pthread.h>
+struct Dim { unsigned x, y, z; };
+extern "C" { Dim blockIdx, blockDim, gridDim; }
+static thread_local Dim threadIdx;
+#define __global__
+#define __device__
+#define __shared__ static
+// volatile rounds every result to float: no FMA contraction, as the _rn intrinsics on the GPU.
+static inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+static inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+static inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+static inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
+static inline float __fsqrt_rn(float a) { volatile float r = std::sqrt(a); return r; }
+static pthread_barrier_t block_barrier, warp_barrier[32];
+static float lanes[1024];
+extern "C" void emu_block(unsigned threads) {  // threads: a multiple of 32, at most 1024
+    pthread_barrier_init(&block_barrier, nullptr, threads);
+    for (unsigned w = 0; w < threads / 32; ++w) pthread_barrier_init(&warp_barrier[w], nullptr, 32);
+}
+extern "C" void emu_thread(unsigned x) { threadIdx = {x, 0, 0}; }
+static inline void __syncthreads() { pthread_barrier_wait(&block_barrier); }
+static inline float __shfl_xor_sync(unsigned, float v, int offset) {
+    const unsigned t = threadIdx.x;
+    lanes[t] = v;
+    pthread_barrier_wait(&warp_barrier[t / 32]);
+    const float r = lanes[t ^ offset];
+    pthread_barrier_wait(&warp_barrier[t / 32]);
+    return r;
+}
+"""
+HOST_FILES = ("bias_act", "optim_update", "im2col", "norm", "sum_squares")
+COOPERATIVE = ("norm", "sum_squares")
+CXX = shutil.which("g++")
+_CTYPES = {np.float32: ctypes.c_float, np.int32: ctypes.c_int, np.uint64: ctypes.c_size_t}
+
+
+class _Dim(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_uint), ("y", ctypes.c_uint), ("z", ctypes.c_uint)]
+
+
+class _HostModule:
+    """A cupy.RawModule stand-in whose kernels run on the CPU."""
+
+    def __init__(self, lib: ctypes.CDLL, cooperative: bool):
+        self.lib, self.cooperative = lib, cooperative
+        self.dims = {name: _Dim.in_dll(lib, name) for name in ("blockIdx", "blockDim", "gridDim")}
+
+    def get_function(self, name: str):
+        fn = getattr(self.lib, name)
+
+        def thread(tx: int, cargs) -> None:
+            self.lib.emu_thread(tx)
+            fn(*cargs)
+
+        def launch(grid, block, args):
+            cargs = [ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else _CTYPES[type(a)](a)
+                     for a in args]
+            (gx, gy), bx = (tuple(grid) + (1,))[:2], block[0]
+            self.dims["gridDim"].x, self.dims["gridDim"].y, self.dims["blockDim"].x = gx, gy, bx
+            for by_, bx_ in itertools.product(range(gy), range(gx)):
+                self.dims["blockIdx"].x, self.dims["blockIdx"].y = bx_, by_
+                if not self.cooperative:
+                    for tx in range(bx):
+                        thread(tx, cargs)
+                    continue
+                self.lib.emu_block(bx)
+                threads = [threading.Thread(target=thread, args=(tx, cargs)) for tx in range(bx)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+        return launch
+
+
+@pytest.fixture(scope="module")
+def host_kernels(tmp_path_factory):
+    """hpdl.kernels with load() returning host builds, the GPU path taken for NumPy float32 and
+    host addresses in pointer tables; a 3-block grid cap makes every grid-stride loop wrap."""
+    out = tmp_path_factory.mktemp("host")
+    (out / "shim.h").write_text(SHIM)
+    procs = {name: subprocess.Popen([CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
+                                     "-include", str(out / "shim.h"), "-x", "c++",
+                                     str(kernels.KERNEL_DIR / f"{name}.cu"), "-o", str(out / f"{name}.so")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in HOST_FILES}
+    modules = {}
+    for name, proc in procs.items():
+        _, stderr = proc.communicate()
+        assert proc.returncode == 0, f"g++ failed on {name}.cu:\n{stderr}"
+        modules[name] = _HostModule(ctypes.CDLL(str(out / f"{name}.so")), name in COOPERATIVE)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(kernels, "load", modules.__getitem__)
+    patch.setattr(kernels, "_use_kernel", lambda *arrays: all(a.dtype == np.float32 for a in arrays))
+    patch.setattr(kernels, "_address", lambda a: a.ctypes.data)
+    patch.setattr(kernels, "MAX_GRID", 3)
+    yield kernels
+    patch.undo()
+
+
+needs_cxx = pytest.mark.skipif(CXX is None, reason="g++ not on PATH")
+
+
+def _f32(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+@needs_cxx
+@pytest.mark.parametrize("momentum,nesterov,wd", [(0.0, False, 0.0), (0.9, False, 0.01), (0.9, True, 5e-4)])
+def test_host_sgd_kernel_is_bit_identical(host_kernels, momentum, nesterov, wd):
+    """sgd_update's kernel source and launcher give the oracle's w and buffer bit for bit over two steps."""
+    rng = np.random.default_rng(0)
+    w = _f32(rng, 2000)
+    w_ref, buf, buf_ref = w.copy(), np.empty_like(w), np.empty_like(w)
+    for first, lr in ((True, 0.1), (False, 0.03)):
+        g = _f32(rng, 2000)
+        host_kernels.sgd_update(w, g, lr, wd, momentum, nesterov, buf if momentum else None, first)
+        host_kernels.sgd_update_ref(w_ref, g, lr, wd, momentum, nesterov, buf_ref if momentum else None, first)
+    np.testing.assert_array_equal(w, w_ref)
+    if momentum:
+        np.testing.assert_array_equal(buf, buf_ref)
+
+
+@needs_cxx
+def test_host_adamw_and_server_kernels_are_bit_identical(host_kernels):
+    """adamw_update, dcasgd_update (both variants) and the three EASGD kernels equal their oracles bit for bit."""
+    rng = np.random.default_rng(1)
+    n = 1500
+    w, m, v = _f32(rng, n), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    ref = [a.copy() for a in (w, m, v)]
+    for t in (1, 2, 3):
+        g = _f32(rng, n) * np.float32(0.1)
+        host_kernels.adamw_update(w, g, m, v, 1e-3 * t, t, 0.01, (0.9, 0.999), 1e-8)
+        host_kernels.adamw_update_ref(*ref[:1], g, *ref[1:], 1e-3 * t, t, 0.01, (0.9, 0.999), 1e-8)
+    for mine, theirs in zip((w, m, v), ref):
+        np.testing.assert_array_equal(mine, theirs)
+    for ms in (None, np.abs(_f32(rng, n))):
+        w, bak, g = _f32(rng, n), _f32(rng, n), _f32(rng, n)
+        w_ref, bak_ref, ms_ref = w.copy(), bak.copy(), None if ms is None else ms.copy()
+        host_kernels.dcasgd_update(w, bak, g, 0.05, 2.0, ms, 0.95, 1e-7)
+        host_kernels.dcasgd_update_ref(w_ref, bak_ref, g, 0.05, 2.0, ms_ref, 0.95, 1e-7)
+        for mine, theirs in ((w, w_ref), (bak, bak_ref), (ms, ms_ref)):
+            np.testing.assert_array_equal(mine, theirs)
+    center, x, g, x_sum = (_f32(rng, n) for _ in range(4))
+    center_ref, x_ref = center.copy(), x.copy()
+    np.testing.assert_array_equal(host_kernels.easgd_elastic(center, x, 0.225),
+                                  host_kernels.easgd_elastic_ref(center_ref, x, 0.225))
+    host_kernels.easgd_sync_worker(x, center, g, 0.05, 3.6)
+    host_kernels.easgd_sync_worker_ref(x_ref, center_ref, g, 0.05, 3.6)
+    host_kernels.easgd_sync_center(center, x_sum, 4, 0.05, 3.6)
+    host_kernels.easgd_sync_center_ref(center_ref, x_sum, 4, 0.05, 3.6)
+    np.testing.assert_array_equal(x, x_ref)
+    np.testing.assert_array_equal(center, center_ref)
+
+
+@needs_cxx
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("case", [(2, 3, 7, 6, 3, 1, 1), (2, 2, 9, 9, 3, 2, 1), (1, 4, 5, 8, 1, 2, 0),
+                                  (1, 2, 5, 5, 5, 1, 2), (2, 1, 8, 7, 3, 3, 2)])
+def test_host_im2col_col2im_kernels_are_bit_identical(host_kernels, case, batched):
+    """im2col and the col2im gather equal their oracles bit for bit, padding, strides and both layouts."""
+    n, c, h, w, k, s, pad = case
+    rng = np.random.default_rng(2)
+    x = _f32(rng, n, c, h, w)
+    cols = host_kernels.im2col(x, k, s, pad, batched)
+    np.testing.assert_array_equal(cols, host_kernels.im2col_ref(x, k, s, pad, batched))
+    dcols = _f32(rng, *cols.shape)
+    np.testing.assert_array_equal(host_kernels.col2im(dcols, x.shape, k, s, pad, batched),
+                                  host_kernels.col2im_ref(dcols, x.shape, k, s, pad, batched))
+
+
+@needs_cxx
+def test_host_bias_relu_kernels_are_bit_identical(host_kernels):
+    """bias_relu_forward (2-D grid, rows striding past the grid cap) and backward equal their oracles."""
+    rng = np.random.default_rng(3)
+    x, b, dy = _f32(rng, 11, 300), _f32(rng, 300), _f32(rng, 11, 300)
+    y = host_kernels.bias_relu_forward(x, b)
+    np.testing.assert_array_equal(y, host_kernels.bias_relu_forward_ref(x, b))
+    np.testing.assert_array_equal(host_kernels.bias_relu_backward(y, dy), host_kernels.bias_relu_backward_ref(y, dy))
+
+
+def _assert_within_allowance(kernel, ref32, ref64, what: str, abs_sum=0.0) -> None:
+    err = np.abs(np.asarray(kernel, dtype=np.float64) - ref64)
+    limit = np.broadcast_to(kernels.float32_allowance(ref32, ref64, abs_sum), err.shape)
+    assert (err <= limit).all(), f"{what}: error {err.max():.3g} above the allowance"
+
+
+@needs_cxx
+@pytest.mark.parametrize("shape", [(1, 1), (5, 10), (2, 7, 33), (4, 1100)])
+def test_host_layernorm_kernels_within_allowance(host_kernels, shape):
+    """The LayerNorm kernels (block sums, rows striding past the grid cap, rows wider than a
+    block, chunked column sums) are as accurate as NumPy float32 against float64."""
+    rng = np.random.default_rng(4)
+    n = shape[-1]
+    x = _f32(rng, *shape) * np.float32(3) + np.float32(2)
+    gamma, beta, dy = _f32(rng, n), _f32(rng, n), _f32(rng, *shape)
+    out = host_kernels.layernorm_forward(x, gamma, beta)
+    ref32 = host_kernels.layernorm_forward_ref(x, gamma, beta)
+    ref64 = host_kernels.layernorm_forward_ref(*(a.astype(np.float64) for a in (x, gamma, beta)))
+    for name, k, r32, r64 in zip(("y", "xhat", "rstd"), out, ref32, ref64):
+        assert k.shape == r64.shape
+        _assert_within_allowance(k, r32, r64, name)
+    grads = host_kernels.layernorm_backward(dy, out[1], out[2], gamma)
+    gref32 = host_kernels.layernorm_backward_ref(dy, ref32[1], ref32[2], gamma)
+    gref64 = host_kernels.layernorm_backward_ref(dy.astype(np.float64), ref64[1], ref64[2], gamma.astype(np.float64))
+    dy2 = dy.reshape(-1, n).astype(np.float64)
+    sums = (0.0, np.abs(dy2 * ref64[1].reshape(-1, n)).sum(axis=0), np.abs(dy2).sum(axis=0))
+    for name, k, r32, r64, abs_sum in zip(("dx", "dgamma", "dbeta"), grads, gref32, gref64, sums):
+        _assert_within_allowance(k, r32, r64, name, abs_sum)
+
+
+@needs_cxx
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (4, 3, 5, 7), (8, 7, 3, 3), (16, 2, 40, 40)])
+def test_host_batchnorm_kernels_within_allowance(host_kernels, shape):
+    """The BatchNorm kernels (channels striding past the grid cap, channels longer than a block)
+    are as accurate as NumPy float32 against float64, running statistics included."""
+    rng = np.random.default_rng(5)
+    c = shape[1]
+    x = _f32(rng, *shape) * np.float32(2) - np.float32(1)
+    gamma, beta, dy = _f32(rng, c), _f32(rng, c), _f32(rng, *shape)
+    rm, rv = _f32(rng, c), np.abs(_f32(rng, c))
+    rm32, rv32, rm64, rv64 = rm.copy(), rv.copy(), rm.astype(np.float64), rv.astype(np.float64)
+    out = host_kernels.batchnorm_forward(x, gamma, beta, rm, rv, 1e-5, 0.1)
+    ref32 = host_kernels.batchnorm_forward_ref(x, gamma, beta, rm32, rv32, 1e-5, 0.1)
+    ref64 = host_kernels.batchnorm_forward_ref(*(a.astype(np.float64) for a in (x, gamma, beta)), rm64, rv64,
+                                               1e-5, 0.1)
+    for name, k, r32, r64 in zip(("y", "xhat", "rstd", "running_mean", "running_var"),
+                                 (*out, rm, rv), (*ref32, rm32, rv32), (*ref64, rm64, rv64)):
+        assert k.shape == r64.shape
+        _assert_within_allowance(k, r32, r64, name)
+    grads = host_kernels.batchnorm_backward(dy, out[1], out[2], gamma)
+    gref32 = host_kernels.batchnorm_backward_ref(dy, ref32[1], ref32[2], gamma)
+    gref64 = host_kernels.batchnorm_backward_ref(dy.astype(np.float64), ref64[1], ref64[2], gamma.astype(np.float64))
+    axes = (0,) + tuple(range(2, len(shape)))
+    dy64 = dy.astype(np.float64)
+    sums = (0.0, np.abs(dy64 * ref64[1]).sum(axis=axes), np.abs(dy64).sum(axis=axes))
+    for name, k, r32, r64, abs_sum in zip(("dx", "dgamma", "dbeta"), grads, gref32, gref64, sums):
+        _assert_within_allowance(k, r32, r64, name, abs_sum)
+
+
+@needs_cxx
+def test_host_sum_squares_kernels_within_allowance(host_kernels):
+    """One launch pair over an empty, a 2-D and a 3000-value tensor (several partial blocks)
+    gives each sum of squares as accurately as NumPy float32."""
+    rng = np.random.default_rng(6)
+    arrays = [np.zeros(0, np.float32), _f32(rng, 7, 9), _f32(rng, 3000)]
+    out = host_kernels.sum_squares(arrays)
+    ref64 = host_kernels.sum_squares_ref([a.astype(np.float64) for a in arrays])
+    assert out.shape == (3,) and out.dtype == np.float32
+    _assert_within_allowance(out, host_kernels.sum_squares_ref(arrays), ref64, "sum of squares", ref64)

@@ -1,0 +1,382 @@
+"""GPU training samples/s of hpdl (CuPy) against PyTorch eager, matrix-product TFLOP/s, and each fused kernel's time.
+
+Run on a CUDA machine with cupy installed (and a CUDA build of torch for the comparison):
+
+    python -m benchmarks.gpu [--models mlp,cnn,resnet] [--batch-sizes 128,512,2048]
+
+Both frameworks train the same architecture from the same initial weights on the same
+synthetic batches (random images and labels: throughput does not depend on the pixels),
+in float32 with TF32 off on both sides, one SGD-momentum step per batch.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+from benchmarks.common import REPORTS, alternate, markdown_table, median, write_report
+from hpdl.layers import BatchNorm, Conv2d, GlobalAvgPool, Layer, Linear, Residual
+from hpdl.models import Model, build_model
+
+# Dense float32 peak of the CUDA cores (no tensor cores: TF32 is off), TFLOP/s, from NVIDIA's
+# datasheets; matched as a substring of the device name, most specific entry first.
+FP32_PEAK_TFLOPS = [
+    ("H200 NVL", 60.0), ("H200", 67.0), ("H100 NVL", 60.0), ("H100 PCIe", 51.0), ("H100", 67.0),
+    ("GH200", 67.0), ("A100", 19.5), ("A10", 31.2), ("L40S", 91.6), ("L40", 90.5), ("L4", 30.3),
+    ("V100", 15.7), ("T4", 8.1), ("RTX 4090", 82.6), ("RTX 3090", 35.6),
+]
+SEED = 0
+N_BATCHES = 4   # distinct device-resident batches cycled through
+
+
+def fp32_peak(name: str) -> float | None:
+    """The device's float32 peak in TFLOP/s from the table, None when the name is not in it."""
+    return next((peak for key, peak in FP32_PEAK_TFLOPS if key in name), None)
+
+
+def matmul_flops(layers: list[Layer], in_shape: tuple[int, ...]) -> tuple[int, int]:
+    """Forward FLOPs per sample of the matrix products (Linear, Conv2d, also inside residual
+    blocks), and those of the first such layer, whose input gradient training skips."""
+    total, first = 0, None
+    shape = in_shape
+    for layer in layers:
+        if isinstance(layer, (Linear, Conv2d)):
+            f = layer.flops(shape)
+        elif isinstance(layer, Residual):
+            f = sum(matmul_flops(part, shape)[0] for part in (layer.branch, layer.shortcut))
+        else:
+            f = 0
+        if f and first is None:
+            first = f
+        total += f
+        shape = layer.out_shape(shape)
+    return total, first or 0
+
+
+def train_flops(model: Model) -> int:
+    """Matrix-product FLOPs of one training step per sample: forward, dW, and dx but the first."""
+    fwd, first = matmul_flops(model.layers, model.in_shape)
+    return 3 * fwd - first
+
+
+def synthetic_batches(model: Model, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(SEED)
+    return [(rng.standard_normal((batch, *model.in_shape)).astype(np.float32),
+             rng.integers(0, 10, batch).astype(np.int64)) for _ in range(N_BATCHES)]
+
+
+def hpdl_runner(model: Model, batches, steps: int) -> Callable[[], float]:
+    """Samples/s of hpdl's own step on the --device gpu backend: trainer.loss_and_grads, then SGD momentum."""
+    from hpdl.backend import Backend
+    from hpdl.optim import make_optimizer
+    from hpdl.trainer import loss_and_grads
+    backend = Backend("gpu", "float32")
+    params = model.init(SEED, xp=backend.xp, dtype=backend.dtype)
+    opt = make_optimizer("sgd", model.layers, momentum=0.9)
+    dev = [(backend.asarray(x), backend.xp.asarray(y)) for x, y in batches]
+    cycle = itertools.cycle(dev)
+
+    def run() -> float:
+        backend.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            x, y = next(cycle)
+            _, grads = loss_and_grads(model.layers, params, x, y, (0,))
+            opt.step(params, grads, 0.01)
+        backend.synchronize()
+        return steps * len(dev[0][1]) / (time.perf_counter() - t0)
+    return run
+
+
+def torch_twin(torch, layers: list[Layer], params: list[dict]):
+    """torch_models.torch_model extended to BatchNorm, residual blocks and global pooling."""
+    from torch import nn
+
+    from benchmarks.torch_models import torch_model
+
+    class TorchResidual(nn.Module):
+        def __init__(self, branch, shortcut, post):
+            super().__init__()
+            self.branch, self.shortcut, self.post = branch, shortcut, post
+
+        def forward(self, x):
+            return self.post(self.branch(x) + self.shortcut(x))
+
+    mods = []
+    for layer, p in zip(layers, params):
+        if isinstance(layer, BatchNorm):
+            m = nn.BatchNorm2d(layer.c, eps=layer.eps, momentum=layer.momentum)
+            with torch.no_grad():
+                m.weight.copy_(torch.from_numpy(p["gamma"]))
+                m.bias.copy_(torch.from_numpy(p["beta"]))
+        elif isinstance(layer, Residual):
+            def part(tag: str, p=p) -> dict:   # the sub-layer's parameters: "s0.W" -> "W" for "s0"
+                return {k[len(tag) + 1:]: v for k, v in p.items() if k.startswith(tag + ".")}
+            branch = torch_twin(torch, layer.branch, [part(str(i)) for i in range(len(layer.branch))])
+            shortcut = (torch_twin(torch, layer.shortcut, [part(f"s{i}") for i in range(len(layer.shortcut))])
+                        if layer.shortcut else nn.Identity())
+            post = torch_twin(torch, [layer.post], [{}]) if layer.post is not None else nn.Identity()
+            m = TorchResidual(branch, shortcut, post)
+        elif isinstance(layer, GlobalAvgPool):
+            m = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        else:
+            m = torch_model(Model("one layer", [layer]), [p])[0]
+        mods.append(m)
+    return nn.Sequential(*mods)
+
+
+def torch_runner(torch, model: Model, batches, steps: int) -> Callable[[], float]:
+    params = model.init(SEED)
+    net = torch_twin(torch, model.layers, params).cuda()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    dev = [(torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()) for x, y in batches]
+    cycle = itertools.cycle(dev)
+
+    def run() -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            x, y = next(cycle)
+            opt.zero_grad(set_to_none=True)
+            loss_fn(net(x), y).backward()
+            opt.step()
+        torch.cuda.synchronize()
+        return steps * len(dev[0][1]) / (time.perf_counter() - t0)
+    return run
+
+
+def gemm_tflops(cp, n: int = 8192, repeats: int = 10) -> float:
+    """TFLOP/s of one large float32 cuBLAS product: the ceiling the models' products could reach."""
+    a = cp.random.standard_normal((n, n), dtype=cp.float32)
+    b = cp.random.standard_normal((n, n), dtype=cp.float32)
+    a @ b
+    cp.cuda.get_current_stream().synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    cp.cuda.get_current_stream().synchronize()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e12
+
+
+# ---- per-kernel timings: each fused kernel against the CuPy code it would replace ----------
+
+def kernel_cases(cp) -> list[tuple[str, str, Callable[[], object], Callable[[], object]]]:
+    """(kernel, shape, fused call, plain CuPy call) pairs at sizes of this repo's models and beyond.
+
+    The plain calls are the `*_ref` oracles run on CuPy arrays (the same operations as
+    hpdl's optimizers and layers, tests/unit/test_kernel_oracles.py), hpdl.layers.conv's
+    im2col/col2im, and backend.sum_of_squares one tensor at a time (as LARS and
+    LENA take norms now, with a host sync each).
+    """
+    from hpdl import kernels as k
+    from hpdl.backend import sum_of_squares
+    from hpdl.layers.conv import col2im, im2col
+
+    cp.random.seed(SEED)
+
+    def randn(*shape):
+        return cp.random.standard_normal(shape, dtype=cp.float32)
+
+    cases = []
+    for n in (10_000, 1_000_000, 16_000_000):
+        w, g, buf, w2, buf2 = randn(n), randn(n) * 1e-3, randn(n), randn(n), randn(n)
+        cases.append(("sgd_update (momentum, wd)", f"{n:,}",
+                      lambda w=w, g=g, b=buf: k.sgd_update(w, g, 1e-3, 1e-4, 0.9, False, b),
+                      lambda w=w2, g=g, b=buf2: k.sgd_update_ref(w, g, 1e-3, 1e-4, 0.9, False, b)))
+        m, v, m2, v2 = (cp.zeros(n, cp.float32) for _ in range(4))
+        cases.append(("adamw_update", f"{n:,}",
+                      lambda w=w, g=g, m=m, v=v: k.adamw_update(w, g, m, v, 1e-4, 10, 0.01),
+                      lambda w=w2, g=g, m=m2, v=v2: k.adamw_update_ref(w, g, m, v, 1e-4, 10, 0.01)))
+    for n in (200_000, 4_000_000):
+        w, bak, g, ms, w2, bak2, ms2 = (randn(n) for _ in range(7))
+        ms, ms2, g = cp.abs(ms), cp.abs(ms2), g * 1e-3
+        cases.append(("dcasgd_update (adaptive)", f"{n:,}",
+                      lambda w=w, b=bak, g=g, ms=ms: k.dcasgd_update(w, b, g, 1e-3, 2.0, ms, 0.95, 1e-7),
+                      lambda w=w2, b=bak2, g=g, ms=ms2: k.dcasgd_update_ref(w, b, g, 1e-3, 2.0, ms, 0.95, 1e-7)))
+        center, x, center2 = randn(n), randn(n), randn(n)
+        cases.append(("easgd_elastic", f"{n:,}", lambda c=center, x=x: k.easgd_elastic(c, x, 0.1),
+                      lambda c=center2, x=x: k.easgd_elastic_ref(c, x, 0.1)))
+    for rows, n in ((4096, 1024), (65536, 64)):
+        x, gamma, beta, dy = randn(rows, n), randn(n), randn(n), randn(rows, n)
+        _, xhat, rstd = k.layernorm_forward(x, gamma, beta)
+        cases.append(("layernorm_forward", f"{rows}x{n}", lambda x=x, ga=gamma, b=beta: k.layernorm_forward(x, ga, b),
+                      lambda x=x, ga=gamma, b=beta: k.layernorm_forward_ref(x, ga, b)))
+        cases.append(("layernorm_backward", f"{rows}x{n}",
+                      lambda d=dy, h=xhat, r=rstd, ga=gamma: k.layernorm_backward(d, h, r, ga),
+                      lambda d=dy, h=xhat, r=rstd, ga=gamma: k.layernorm_backward_ref(d, h, r, ga)))
+    for shape in ((128, 16, 28, 28), (512, 64, 7, 7), (2048, 32, 14, 14)):
+        c = shape[1]
+        x, dy, gamma, beta = randn(*shape), randn(*shape), randn(c), randn(c)
+        rm, rv = cp.zeros(c, cp.float32), cp.ones(c, cp.float32)
+        _, xhat, rstd = k.batchnorm_forward(x, gamma, beta, rm, rv)
+        label = "x".join(map(str, shape))
+        cases.append(("batchnorm_forward", label,
+                      lambda x=x, ga=gamma, b=beta, m=rm, v=rv: k.batchnorm_forward(x, ga, b, m, v),
+                      lambda x=x, ga=gamma, b=beta, m=rm, v=rv: k.batchnorm_forward_ref(x, ga, b, m, v)))
+        cases.append(("batchnorm_backward", label,
+                      lambda d=dy, h=xhat, r=rstd, ga=gamma: k.batchnorm_backward(d, h, r, ga),
+                      lambda d=dy, h=xhat, r=rstd, ga=gamma: k.batchnorm_backward_ref(d, h, r, ga)))
+    for n, c, hw, kk, s, pad in ((128, 1, 28, 3, 1, 1), (128, 32, 14, 3, 1, 1), (512, 32, 14, 3, 2, 1)):
+        x = randn(n, c, hw, hw)
+        cols_t = k.im2col(x, kk, s, pad, batched=False)
+        label = f"{n}x{c}x{hw}x{hw} k{kk} s{s}"
+        cases.append(("im2col", label, lambda x=x, kk=kk, s=s, p=pad: k.im2col(x, kk, s, p, batched=False),
+                      lambda x=x, kk=kk, s=s, p=pad: im2col(x, kk, s, p)))
+        cases.append(("col2im", label, lambda c=cols_t, sh=x.shape, kk=kk, s=s, p=pad: k.col2im(c, sh, kk, s, p),
+                      lambda c=cols_t, sh=x.shape, kk=kk, s=s, p=pad: col2im(c, sh, kk, s, p)))
+    for sizes in ((16, 144, 16, 16, 4608, 32, 32, 9216, 64, 640, 10), (1_000_000,) * 8):
+        tensors = [randn(n) for n in sizes]
+        cases.append(("sum_squares", f"{len(sizes)} tensors, {sum(sizes):,} values",
+                      lambda t=tensors: k.sum_squares(t), lambda t=tensors: [sum_of_squares([a]) for a in t]))
+    for rows, n in ((128, 1024), (2048, 4096)):
+        x, b, dy = randn(rows, n), randn(n), randn(rows, n)
+        cases.append(("bias_relu_forward", f"{rows}x{n}", lambda x=x, b=b: k.bias_relu_forward(x, b),
+                      lambda x=x, b=b: k.bias_relu_forward_ref(x, b)))
+        cases.append(("bias_gelu_backward", f"{rows}x{n}", lambda u=x, d=dy: k.bias_gelu_backward(u, d),
+                      lambda u=x, d=dy: k.bias_gelu_backward_ref(u, d)))
+    for rows, n in ((128, 10), (2048, 1000)):
+        logits, labels = randn(rows, n), cp.asarray(np.random.default_rng(SEED).integers(0, n, rows))
+        cases.append(("softmax_xent", f"{rows}x{n}", lambda z=logits, y=labels: k.softmax_xent(z, y),
+                      lambda z=logits, y=labels: k.softmax_xent_ref(z, y)))
+    return cases
+
+
+def per_call_us(cp, fn: Callable[[], object], calls: int) -> Callable[[], float]:
+    """A run timing `calls` back-to-back calls, synchronized at both ends: microseconds per call,
+    which counts Python and launch overhead as well as GPU time, as a training step feels them."""
+    stream = cp.cuda.get_current_stream()
+
+    def run() -> float:
+        stream.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        stream.synchronize()
+        return (time.perf_counter() - t0) / calls * 1e6
+    return run
+
+
+def bench_kernels(cp, calls: int, repeats: int) -> tuple[list[list], dict]:
+    rows, data = [], {}
+    for name, shape, fused, plain in kernel_cases(cp):
+        fused(), plain()   # compile the kernel (NVRTC) and warm CuPy's own kernel cache
+        res = alternate({"fused": per_call_us(cp, fused, calls), "cupy": per_call_us(cp, plain, calls)}, repeats)
+        f, c = median(res["fused"]), median(res["cupy"])
+        rows.append([name, shape, f"{f:.1f}", f"{c:.1f}", f"{c / f:.2f}"])
+        data[f"{name} {shape}"] = res
+        print(f"{name} {shape}: fused {f:.1f} us, cupy {c:.1f} us, speed-up {c / f:.2f}", flush=True)
+    return rows, data
+
+
+def plot(throughput: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = list(throughput)
+    xs = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(labels)), 3.4))
+    for i, impl in enumerate(("hpdl", "torch")):
+        meds = [median(throughput[lab][impl]) if throughput[lab].get(impl) else 0 for lab in labels]
+        ax.bar(xs + (i - 0.5) * 0.38, meds, 0.38, label=impl)
+    ax.set_xticks(xs, labels, rotation=30, ha="right")
+    ax.set_ylabel("training samples/s")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mlp,cnn,resnet")
+    ap.add_argument("--batch-sizes", default="128,512,2048")
+    ap.add_argument("--steps", type=int, default=20, help="timed training steps per repeat")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating repeats; the median is reported")
+    ap.add_argument("--kernel-calls", type=int, default=50, help="calls per timed kernel repeat")
+    ap.add_argument("--skip-training", action="store_true", help="only the per-kernel timings")
+    ap.add_argument("--skip-kernels", action="store_true", help="only the training comparison")
+    args = ap.parse_args()
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+        models = [build_model(m) for m in args.models.split(",")]
+    except ValueError as e:
+        print(f"benchmarks.gpu: {e}", file=sys.stderr)
+        return 2
+    try:
+        import cupy as cp
+        name = cp.cuda.runtime.getDeviceProperties(0)["name"]
+    except Exception as e:  # no cupy, no driver or no device: CuPy raises its own errors
+        print(f"benchmarks.gpu needs cupy and a CUDA device ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
+    device = name.decode() if isinstance(name, bytes) else str(name)
+    peak = fp32_peak(device)
+    try:
+        import torch
+        torch_ok = torch.cuda.is_available()
+    except ImportError:
+        torch, torch_ok = None, False
+    if torch_ok:
+        # Same precision as hpdl's float32 CuPy products (cuBLAS without TF32 unless CUPY_TF32=1).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    print(f"device {device}, float32 peak {peak or 'unknown'} TFLOP/s, torch CUDA {torch_ok}", flush=True)
+
+    sections, data = [], {"device": device, "fp32_peak_tflops": peak}
+    if not args.skip_training:
+        ceiling = gemm_tflops(cp)
+        rows, throughput = [], {}
+        for model in models:
+            flops = train_flops(model)
+            for batch in batch_sizes:
+                batches = synthetic_batches(model, batch)
+                runs = {"hpdl": hpdl_runner(model, batches, args.steps)}
+                if torch_ok:
+                    runs["torch"] = torch_runner(torch, model, batches, args.steps)
+                for run in runs.values():   # warm-up: kernel compilation, cuBLAS/cuDNN handles, pools
+                    run()
+                res = alternate(runs, args.repeats)
+                h = median(res["hpdl"])
+                t = median(res["torch"]) if torch_ok else None
+                tflops_h = flops * h / 1e12
+                rows.append([model.name, batch, f"{h:.0f}", f"{t:.0f}" if t else "n/a",
+                             f"{h / t:.2f}" if t else "n/a", f"{tflops_h:.2f}",
+                             f"{flops * t / 1e12:.2f}" if t else "n/a",
+                             f"{100 * tflops_h / peak:.1f}%" if peak else "peak unknown"])
+                throughput[f"{model.name} b{batch}"] = res
+                print(f"{model.name} batch {batch}: hpdl {h:.0f}/s, torch {t and round(t)}/s", flush=True)
+        plot(throughput, REPORTS / "gpu.png")
+        data.update(samples_per_s=throughput, gemm_ceiling_tflops=ceiling,
+                    train_matmul_flops_per_sample={m.name: train_flops(m) for m in models})
+        sections.append(
+            f"## Training throughput\n\nSGD momentum 0.9, float32 (TF32 off), synthetic MNIST-shaped batches, "
+            f"median of {args.repeats} alternating repeats of {args.steps} steps after one warm-up repeat. "
+            f"TFLOP/s counts the matrix products only (Linear and Conv2d: forward, dW, and dx except the "
+            f"first layer's) over the whole step time. Device float32 peak: "
+            + (f"{peak} TFLOP/s (datasheet table in benchmarks/gpu.py); " if peak
+               else f"unknown ({device} is not in the table in benchmarks/gpu.py); ") +
+            f"one 8192^3 float32 cuBLAS product reaches {ceiling:.1f} TFLOP/s here."
+            + ("" if torch_ok else "\n\nPyTorch has no CUDA here: its columns are not measured.") + "\n\n"
+            + markdown_table(["model", "batch", "hpdl samples/s", "PyTorch samples/s", "hpdl / PyTorch",
+                              "hpdl TFLOP/s", "PyTorch TFLOP/s", "hpdl % of peak"], rows)
+            + "\n\n![throughput](gpu.png)")
+    if not args.skip_kernels:
+        rows, kdata = bench_kernels(cp, args.kernel_calls, args.repeats)
+        data["kernel_us"] = kdata
+        sections.append(
+            "## Fused kernels against the CuPy code they would replace\n\n"
+            f"Microseconds per call (median of {args.repeats} alternating repeats of {args.kernel_calls} "
+            "back-to-back calls, synchronized at both ends: launch overhead included). Plain CuPy: the "
+            "kernel's `*_ref` oracle on CuPy arrays (the optimizers' and layers' own operations), "
+            "conv's im2col/col2im, and one backend.sum_of_squares per tensor.\n\n"
+            + markdown_table(["kernel", "size", "fused us", "CuPy us", "speed-up"], rows))
+    print(write_report("gpu", f"GPU: hpdl (CuPy) vs PyTorch eager on {device}", "\n\n".join(sections), data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+// im2col and col2im for 2-D convolution (NCHW), float32, as hpdl/layers/conv.py.
+//
+// x: (N, C, H, W);  cols in one of two layouts, rows (c, i, j) like a flattened (C, k, k)
+// filter and columns (n, a, b) over the Ho x Wo output positions:
+//   batched = 0: (C k k, N Ho Wo)    as conv.im2col / conv.col2im (one product for the batch)
+//   batched = 1: (N, C k k, Ho Wo)   sample-major: a batched product W @ cols lands in NCHW
+// cols[c, i, j, n, a, b] = x[n, c, a s + i - pad, b s + j - pad], 0 outside the image.
+// Padding is read as zeros in place: no padded copy of x is made.
+// No #include: the source must compile under NVRTC (cupy.RawModule) as well as nvcc.
+// Launch: a 1-D grid of any size; the grid-stride loops cover the rest.
+
+// The flat offset of cols[c, i, j, n, a, b] in either layout.
+__device__ size_t col_index(int batched, int n, int r, int p, int N, int R, int P) {
+    return batched ? ((size_t)n * R + r) * P + p : ((size_t)r * N + n) * P + p;
+}
+
+// One thread per element of cols, walked in cols' memory order so the writes coalesce.
+extern "C" __global__ void im2col(const float* x, float* cols, int N, int C, int H, int W,
+                                  int k, int stride, int pad, int Ho, int Wo, int batched) {
+    const int R = C * k * k, P = Ho * Wo;
+    const size_t total = (size_t)N * R * P;
+    for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += (size_t)blockDim.x * gridDim.x) {
+        const int p = (int)(t % P);
+        const size_t q = t / P;
+        int n, r;
+        if (batched) { r = (int)(q % R); n = (int)(q / R); }
+        else { n = (int)(q % N); r = (int)(q / N); }
+        const int c = r / (k * k), i = (r / k) % k, j = r % k;
+        const int h = (p / Wo) * stride + i - pad, w = (p % Wo) * stride + j - pad;
+        cols[t] = (0 <= h && h < H && 0 <= w && w < W)
+                ? x[(((size_t)n * C + c) * H + h) * W + w] : 0.0f;
+    }
+}
+
+// The adjoint: x[n, c, h, w] = sum of cols[c, i, j, n, a, b] over the (i, j, a, b) with
+// a s + i - pad = h and b s + j - pad = w.
+// A gather, one thread per element of x summing its own k x k candidates, rather than a
+// scatter with atomicAdd from each element of cols: every output is written once, with no
+// atomics and no zero-fill pass, and the sum runs in a fixed order, i then j ascending, the
+// order in which conv.col2im's slab loop adds, so the result equals NumPy's bit for bit and
+// is the same from run to run (float atomicAdd order is not).
+extern "C" __global__ void col2im(const float* cols, float* x, int N, int C, int H, int W,
+                                  int k, int stride, int pad, int Ho, int Wo, int batched) {
+    const int R = C * k * k, P = Ho * Wo;
+    const size_t total = (size_t)N * C * H * W;
+    for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += (size_t)blockDim.x * gridDim.x) {
+        const int w = (int)(t % W), h = (int)((t / W) % H);
+        const int c = (int)((t / ((size_t)W * H)) % C), n = (int)(t / ((size_t)W * H * C));
+        float acc = 0.0f;
+        for (int i = 0; i < k; ++i) {
+            const int hs = h + pad - i;  // = a stride for the output row a this tap reads
+            if (hs < 0) break;           // hs only falls as i grows
+            if (hs % stride != 0 || hs / stride >= Ho) continue;
+            for (int j = 0; j < k; ++j) {
+                const int ws = w + pad - j;
+                if (ws < 0) break;
+                if (ws % stride != 0 || ws / stride >= Wo) continue;
+                const int r = (c * k + i) * k + j, p = (hs / stride) * Wo + ws / stride;
+                acc = __fadd_rn(acc, cols[col_index(batched, n, r, p, N, R, P)]);
+            }
+        }
+        x[t] = acc;
+    }
+}

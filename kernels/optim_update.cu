@@ -1,0 +1,117 @@
+// Fused optimizer updates, one pass per tensor, float32: SGD (momentum, Nesterov, weight
+// decay), AdamW, the DC-ASGD server update with its backup weights, and the EASGD elastic
+// steps. Each replaces a chain of 5-12 element-wise CuPy operations (each a launch and a
+// full read/write of the tensor) by one launch that reads and writes every array once.
+//
+// Every operation is an explicit round-to-nearest intrinsic (__fmul_rn, __fadd_rn, ...) in
+// the order hpdl's NumPy code performs it: the intrinsics are never contracted into FMAs,
+// so each result is the same IEEE float32 value NumPy computes, bit for bit. The scalar
+// coefficients arrive as float32 values rounded on the host from the same Python doubles
+// the NumPy code uses.
+// No #include: the source must compile under NVRTC (cupy.RawModule) as well as nvcc.
+//
+// All arrays: n elements, any shape, C-contiguous. Launch: a 1-D grid of any size; the
+// grid-stride loops cover the rest.
+
+// SGD as hpdl/optim/sgd.py (torch.optim.SGD without dampening), in place:
+//   d = w wd + g  (wd != 0);  buf = d (first step) or buf mu + d;
+//   d = buf mu + d (Nesterov) or buf;  w = w - lr d
+// mu == 0: no momentum, buf is never touched (any pointer will do).
+extern "C" __global__ void sgd_update(float* w, const float* g, float* buf, size_t n, float lr,
+                                      float wd, float mu, int nesterov, int first) {
+    for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+         k += (size_t)blockDim.x * gridDim.x) {
+        float wk = w[k];
+        float d = g[k];
+        if (wd != 0.0f) d = __fadd_rn(__fmul_rn(wk, wd), d);
+        if (mu != 0.0f) {
+            float b = first ? d : __fadd_rn(__fmul_rn(buf[k], mu), d);
+            buf[k] = b;
+            d = nesterov ? __fadd_rn(__fmul_rn(b, mu), d) : b;
+        }
+        w[k] = __fsub_rn(wk, __fmul_rn(lr, d));
+    }
+}
+
+// AdamW as hpdl/optim/adamw.py (torch.optim.AdamW, no amsgrad) at step t, in place:
+//   w = w decay (apply_decay; decay = 1 - lr wd);  m = m b1 + g c1;  v = v b2 + g^2 c2;
+//   w = w - m / (sqrt(v) / bc2 + eps) * step_size
+// with c1 = 1 - b1, c2 = 1 - b2, bc2 = sqrt(1 - b2^t), step_size = lr / (1 - b1^t).
+extern "C" __global__ void adamw_update(float* w, const float* g, float* m, float* v, size_t n,
+                                        float decay, int apply_decay, float b1, float c1,
+                                        float b2, float c2, float bc2, float eps,
+                                        float step_size) {
+    for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+         k += (size_t)blockDim.x * gridDim.x) {
+        float wk = w[k], gk = g[k];
+        if (apply_decay) wk = __fmul_rn(wk, decay);
+        float mk = __fadd_rn(__fmul_rn(m[k], b1), __fmul_rn(gk, c1));
+        float vk = __fadd_rn(__fmul_rn(v[k], b2), __fmul_rn(__fmul_rn(gk, gk), c2));
+        float s = __fadd_rn(__fdiv_rn(__fsqrt_rn(vk), bc2), eps);
+        s = __fmul_rn(__fdiv_rn(mk, s), step_size);
+        m[k] = mk;
+        v[k] = vk;
+        w[k] = __fsub_rn(wk, s);
+    }
+}
+
+// The DC-ASGD server update as hpdl/algorithms/dcasgd.py, for a gradient g from worker m
+// with backup row bak = w_bak(m), in place:
+//   t = (w - bak) g g;  adaptive: ms = ms decay + g^2 c;  t = t / sqrt(ms + eps);
+//   w = w - (t lambda + g) lr;  bak = w  (the reply sent back to m)
+// with c = 1 - decay. Not adaptive (DC-ASGD-c): ms is never touched (any pointer will do).
+extern "C" __global__ void dcasgd_update(float* w, float* bak, const float* g, float* ms,
+                                         size_t n, float lr, float lambda_dc, int adaptive,
+                                         float decay, float c, float eps) {
+    for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+         k += (size_t)blockDim.x * gridDim.x) {
+        float gk = g[k], wk = w[k];
+        float t = __fmul_rn(__fmul_rn(__fsub_rn(wk, bak[k]), gk), gk);
+        if (adaptive) {
+            float mk = __fadd_rn(__fmul_rn(ms[k], decay), __fmul_rn(__fmul_rn(gk, gk), c));
+            ms[k] = mk;
+            t = __fdiv_rn(t, __fsqrt_rn(__fadd_rn(mk, eps)));
+        }
+        t = __fmul_rn(__fadd_rn(__fmul_rn(t, lambda_dc), gk), lr);
+        wk = __fsub_rn(wk, t);
+        w[k] = wk;
+        bak[k] = wk;
+    }
+}
+
+// Asynchronous EASGD's centre as hpdl/algorithms/easgd.py EasgdServer, for the x sent by a
+// worker, in place:  e = (x - center) alpha;  center = center + e  (e is the reply).
+extern "C" __global__ void easgd_elastic(float* center, const float* x, float* e, size_t n,
+                                         float alpha) {
+    for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+         k += (size_t)blockDim.x * gridDim.x) {
+        float c = center[k];
+        float ek = __fmul_rn(__fsub_rn(x[k], c), alpha);
+        e[k] = ek;
+        center[k] = __fadd_rn(c, ek);
+    }
+}
+
+// Synchronous EASGD, one replica's half (easgd_sync_worker), in place:
+//   x = x - ((x - center) rho + g) lr
+extern "C" __global__ void easgd_sync_worker(float* x, const float* center, const float* g,
+                                             size_t n, float lr, float rho) {
+    for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+         k += (size_t)blockDim.x * gridDim.x) {
+        float xk = x[k];
+        float d = __fmul_rn(__fadd_rn(__fmul_rn(__fsub_rn(xk, center[k]), rho), g[k]), lr);
+        x[k] = __fsub_rn(xk, d);
+    }
+}
+
+// Synchronous EASGD, the centre's half (easgd_sync_center), in place:
+//   center = center + (center neg_workers + x_sum) lr_rho,  neg_workers = -N, lr_rho = lr rho
+extern "C" __global__ void easgd_sync_center(float* center, const float* x_sum, size_t n,
+                                             float neg_workers, float lr_rho) {
+    for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+         k += (size_t)blockDim.x * gridDim.x) {
+        float c = center[k];
+        float d = __fmul_rn(__fadd_rn(__fmul_rn(c, neg_workers), x_sum[k]), lr_rho);
+        center[k] = __fadd_rn(c, d);
+    }
+}
