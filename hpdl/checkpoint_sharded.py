@@ -84,7 +84,7 @@ class Resume:
     layout: str
     params: list[dict[str, np.ndarray]]
     opt_state: dict[str, np.ndarray]
-    lr_state: dict[str, np.ndarray]  # the learning-rate method's (LR_STATE prefix removed)
+    lr_state: dict[str, np.ndarray]  # the learning-rate method's, keys under LR_STATE
 
     def stage(self, start: int, stop: int) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         """Layers [start, stop): their params, and their optimizer state keyed by stage-local layer index."""
@@ -215,7 +215,7 @@ def find_resume(directory: str | os.PathLike, model_params: Sequence[dict[str, n
                 params[entry.first + j] = layer
         for key, value in state.items():
             if key.startswith(LR_STATE):  # the same on every stage
-                lr_state.setdefault(key[len(LR_STATE):], value)
+                lr_state.setdefault(key, value)
                 continue
             local, _, rest = key.partition("/")
             if key != "step" and not (local.isdigit() and rest):

@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     if code >= 0:
         return code
     host = os.environ.get("PMI_HOSTNAME") or socket.gethostname()
-    print(death_line(os.environ.get("PMI_RANK", "?"), child.pid, host, -code, role_of(child.pid)),
-          file=sys.stderr, flush=True)
+    # One write: guards of several ranks reporting at once must not splice their lines.
+    sys.stderr.write(death_line(os.environ.get("PMI_RANK", "?"), child.pid, host, -code, role_of(child.pid)) + "\n")
+    sys.stderr.flush()
     return 128 - code
 
 

@@ -21,7 +21,7 @@ from .models import Model
 from .pipeline.schedules import SCHEDULES
 from .ps_checkpoints import PsResume, check_ps_options, find_ps_resume
 from .optim import LRMethod
-from .optim.largebatch import LR_STATE
+from .optim.largebatch import pack_state, restore_state
 from .trainer import make_run_optimizer
 
 
@@ -65,25 +65,14 @@ class StageCheckpoints:
                                   f"--schedule {self.cfg.schedule} resumes only at epoch ends (use gpipe or 1f1b)")
         params, opt_state = resume.stage(*self.bounds)
         load_into(self.params, params)
-        self.optimizer.load_state_dict(opt_state)
-        if self.lr_method is not None:
-            self.restore_lr_method(resume)
+        try:
+            restore_state(self.optimizer, self.lr_method, opt_state | resume.lr_state, resume.step)
+        except ValueError as e:
+            raise CheckpointError(f"{resume.path}: {e}") from None
         if self.comm.Get_rank() == 0:
             print(f"resumed from step {resume.step} ({resume.path}, written by {resume.layout})", flush=True)
         self.saved = resume.step
         return resume.step
-
-    def restore_lr_method(self, resume: Resume) -> None:
-        """The learning-rate method's averages and progress; a checkpoint without them (a run without
-        --lr-method) starts them afresh at the resumed step."""
-        if not resume.lr_state:
-            self.lr_method.t = resume.step
-            return
-        try:
-            self.lr_method.load_state_dict(resume.lr_state)
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"{resume.path}: learning-rate method state does not fit --lr-method "
-                                  f"{self.cfg.lr_method} ({e})") from None
 
     def after_step(self, step: int) -> None:
         """Collective: a checkpoint if --checkpoint-every divides `step`."""
@@ -96,11 +85,6 @@ class StageCheckpoints:
         if self.cfg.checkpoint_dir and (self.flush or step % self.spe == 0):
             self.save(step)
 
-    def lr_state(self) -> dict[str, np.ndarray]:
-        if self.lr_method is None:
-            return {}
-        return {LR_STATE + k: v for k, v in self.lr_method.state_dict().items()}
-
     def save(self, step: int) -> None:
         if step == self.saved:
             return
@@ -108,7 +92,7 @@ class StageCheckpoints:
         if self.topo.replica == 0:  # replicas hold bitwise equal weights and state
             first, stop = self.bounds
             shard = {"params": [{k: to_host(v) for k, v in p.items()} for p in self.params],
-                     "opt_state": self.optimizer.state_dict() | self.lr_state(), "role": "stage", "stage": self.topo.stage,
+                     "opt_state": pack_state(self.optimizer, self.lr_method), "role": "stage", "stage": self.topo.stage,
                      "replica": 0, "first": first, "stop": stop}
         meta = {"epoch": step // self.spe, "layout": str(self.topo.layout), "algorithm": self.cfg.algorithm,
                 "config": self.cfg.to_dict()}

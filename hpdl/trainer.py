@@ -8,7 +8,7 @@ from typing import Sequence
 
 
 from .backend import Backend, to_host
-from .checkpoint import latest_checkpoint, load_checkpoint, load_into, prune, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_into, prune, save_checkpoint
 from .config import Config, ConfigError
 from .data import Loader
 from .layers import EVAL, Layer, Mode, accuracy, softmax_cross_entropy_backward, softmax_cross_entropy_forward
@@ -17,7 +17,7 @@ from .metrics import Metrics, progress
 from .models import Model, backward, build_model, forward
 from .flat import Flat
 from .optim import LRMethod, make_lr_method, make_optimizer
-from .optim.largebatch import LR_STATE
+from .optim.largebatch import pack_state, restore_state
 
 
 # Test-set batches: large, since evaluation keeps no caches.
@@ -132,8 +132,7 @@ class Run:
     def save(self) -> None:
         path = Path(self.cfg.checkpoint_dir) / f"step-{self.step:08d}.h5"
         host = [{k: to_host(v) for k, v in p.items()} for p in self.params]
-        state = self.optimizer.state_dict() | {LR_STATE + k: v for k, v in self.lr_method.state_dict().items()}
-        save_checkpoint(path, host, state,
+        save_checkpoint(path, host, pack_state(self.optimizer, self.lr_method),
                         {"step": self.step, "epoch": self.step // self.steps_per_epoch,
                          "config": self.cfg.to_dict()})
         prune(self.cfg.checkpoint_dir, self.cfg.keep_checkpoints)
@@ -144,9 +143,11 @@ class Run:
             return False
         params, opt_state, meta = load_checkpoint(path)
         load_into(self.params, params)
-        self.lr_method.load_state_dict({k[len(LR_STATE):]: v for k, v in opt_state.items() if k.startswith(LR_STATE)})
-        self.optimizer.load_state_dict({k: v for k, v in opt_state.items() if not k.startswith(LR_STATE)})
         self.step = int(meta["step"])
+        try:
+            restore_state(self.optimizer, self.lr_method, opt_state, self.step)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         return True
 
 

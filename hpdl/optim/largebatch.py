@@ -90,6 +90,30 @@ class LRMethod:
         self.t = int(state["t"])
 
 
+def pack_state(optimizer, method: LRMethod | None) -> dict[str, np.ndarray]:
+    """The optimizer's state with the learning-rate method's beside it (under LR_STATE), for checkpoints."""
+    state = optimizer.state_dict()
+    if method is not None:
+        state |= {LR_STATE + k: v for k, v in method.state_dict().items()}
+    return state
+
+
+def restore_state(optimizer, method: LRMethod | None, state: dict[str, np.ndarray], step: int) -> None:
+    """Undo pack_state. A checkpoint without method state (a run without --lr-method) starts the
+    method afresh at `step`; state that does not fit raises ValueError."""
+    optimizer.load_state_dict({k: v for k, v in state.items() if not k.startswith(LR_STATE)})
+    if method is None:
+        return
+    mine = {k[len(LR_STATE):]: v for k, v in state.items() if k.startswith(LR_STATE)}
+    if not mine:
+        method.t = step
+        return
+    try:
+        method.load_state_dict(mine)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"learning-rate method state does not fit {type(method).__name__}: {e}") from None
+
+
 class AdaScale(LRMethod):
     """lr = r x base_lr(t), one gain ratio r over the whole model (Johnson et al. 2020)."""
 
