@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -94,14 +96,41 @@ def test_sweep_array_runs_one_grid_point_per_task_and_rejects_tasks_past_the_gri
     assert not results(log)
 
 
+def test_a_rank_killed_by_a_signal_is_named_in_the_job_log(slurm, mnist_h5, tmp_path):
+    """single_node.sbatch on 2 tasks runs each rank under hpdl.guard with the rank table in runs/<jobid>: SIGKILL
+    of rank 1 mid-run fails the job, and its log has one guard line naming rank 1, its role and its pid."""
+    job = submit(slurm, "single_node.sbatch", tmp_path, "--ntasks=2",
+                 args=("--data", str(mnist_h5), "--stages", "1", "--max-steps", "100000", "--log-every", "10"))
+    run = tmp_path / "runs" / str(job)
+    slurm.wait(job, 120, until=lambda _: (run / "ranks.json").exists() and (run / "metrics.jsonl").exists()
+               and len(metrics(run / "metrics.jsonl")) >= 2)
+    (row,) = [r for r in json.loads((run / "ranks.json").read_text()) if r["rank"] == 1]
+    assert row["role"] == "worker stage 0 replica 1", row
+    os.kill(row["pid"], signal.SIGKILL)
+    (record,) = slurm.wait(job, 60)
+    log = (tmp_path / f"hpdl-{job}.out").read_text()
+    assert record["JobState"] == "FAILED" and record["ExitCode"] != "0:0", (record, log[-2000:])
+    named = [line for line in log.splitlines() if line.startswith("hpdl.guard:")]
+    assert len(named) == 1, log[-3000:]
+    assert named[0].startswith(f"hpdl.guard: rank 1 (worker stage 0 replica 1, pid {row['pid']} on "), named
+    assert named[0].endswith(") was killed by SIGKILL; ending the job"), named
+    assert not results(log)
+
+
+def resumed_steps(log: str) -> list[int]:
+    """The steps that the attempts in a job log resumed from (rank 0 says it once per attempt)."""
+    return [int(s) for s in re.findall(r"^resumed from step (\d+) \(", log, re.MULTILINE)]
+
+
 def test_resume_job_requeues_itself_at_the_time_limit_signal_and_resumes_from_its_checkpoint(
         slurm, mnist_h5, tmp_path):
-    """resume.sbatch: the time-limit warning (SIGUSR1 to the batch shell, what --signal=B:USR1@T sends) stops
-    the first attempt; the job requeues itself, the second attempt resumes from a checkpoint past step 0
-    and finishes the run; one job id, one restart, exit code 0, one RESULT with every step."""
+    """resume.sbatch on 3 ranks (1 stage x 3 replicas): the time-limit warning (SIGUSR1 to the batch shell, what
+    --signal=B:USR1@T sends) stops the first attempt; the job requeues itself, the second attempt resumes from a
+    sharded checkpoint past step 0 and finishes the run; one job id, one restart, exit code 0, one RESULT with
+    every step, and the second attempt's training metrics from past the resumed step to the last."""
     steps, every = 400, 100
-    job = submit(slurm, "resume.sbatch", tmp_path,
-                 args=("--data", str(mnist_h5), "--max-steps", str(steps), "--log-every", "50"),
+    job = submit(slurm, "resume.sbatch", tmp_path, "--ntasks=3",
+                 args=("--data", str(mnist_h5), "--stages", "1", "--max-steps", str(steps), "--log-every", "50"),
                  env={"HPDL_CKPT_EVERY": str(every)})
     log_path = tmp_path / f"hpdl-resume-{job}.out"
     metrics_path = tmp_path / "runs" / str(job) / "metrics.jsonl"
@@ -115,26 +144,30 @@ def test_resume_job_requeues_itself_at_the_time_limit_signal_and_resumes_from_it
     record = finished(slurm, job)
     log = log_path.read_text()
     assert record["Restarts"] == "1", log
-    assert "attempt 0" in log and "attempt 1" in log and f"requeueing job {job} (restart 1)" in log, log
-    resumed = [int(s) for s in re.findall(r"^resumed from step (\d+)$", log, re.MULTILINE)]
-    assert len(resumed) == 1 and every <= resumed[0] < steps, log
+    assert "3 tasks" in log and "attempt 0" in log and "attempt 1" in log, log
+    assert f"requeueing job {job} (restart 1)" in log, log
+    (resumed,) = resumed_steps(log)
+    assert every <= resumed < steps, log
+    assert "written by 1 stages x 3 replicas" in log, log
     (result,) = results(log)
-    assert result["steps"] == steps, log[-2000:]
+    assert result["steps"] == steps and result["layout"] == "1 stages x 3 replicas + 0 PS = 3 ranks", log[-2000:]
+    train_steps = [m["step"] for m in metrics(metrics_path) if m["kind"] == "train"]
+    assert train_steps[-1] == steps and set(range(50, steps + 1, 50)) - set(range(resumed + 1)) <= set(train_steps)
 
 
 def test_resume_job_gets_the_warning_from_the_real_time_limit_and_resumes_after_requeue(slurm, mnist_h5, tmp_path):
-    """resume.sbatch with a 1-minute limit and --signal=B:USR1@10 on a run far longer than that: Slurm itself
-    warns the batch shell before the limit, the job requeues itself instead of ending in TIMEOUT, and the
+    """resume.sbatch on 2 ranks with a 1-minute limit and --signal=B:USR1@10 on a run far longer than that: Slurm
+    itself warns the batch shell before the limit, the job requeues itself instead of ending in TIMEOUT, and the
     next attempt resumes from a checkpoint (the test cancels it there)."""
-    job = submit(slurm, "resume.sbatch", tmp_path, "--signal=B:USR1@10", minutes=1,
-                 args=("--data", str(mnist_h5), "--epochs", "50", "--log-every", "100"),
-                 env={"HPDL_CKPT_EVERY": "100"})
+    job = submit(slurm, "resume.sbatch", tmp_path, "--ntasks=2", "--signal=B:USR1@10", minutes=1,
+                 args=("--data", str(mnist_h5), "--stages", "1", "--epochs", "50", "--log-every", "100"),
+                 env={"HPDL_CKPT_EVERY": "50"})  # a checkpoint well before the warning, even on a loaded machine
     log_path = tmp_path / f"hpdl-resume-{job}.out"
-    slurm.wait(job, 240, until=lambda _: log_path.exists() and "resumed from step" in log_path.read_text())
+    slurm.wait(job, 240, until=lambda _: log_path.exists() and bool(resumed_steps(log_path.read_text())))
     slurm.run("scancel", str(job))
     (record,) = slurm.wait(job, 60)
     log = log_path.read_text()
     assert record["JobState"] == "CANCELLED" and record["Restarts"] == "1", (record, log)
     assert "SIGUSR1 (time limit near)" in log and f"requeueing job {job} (restart 1)" in log, log
-    (resumed,) = [int(s) for s in re.findall(r"^resumed from step (\d+)$", log, re.MULTILINE)]
-    assert resumed >= 100, log
+    (resumed,) = resumed_steps(log)
+    assert resumed >= 50, log
