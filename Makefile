@@ -57,6 +57,10 @@ bench: $(VENV)/.bench $(DATA)
 	$(PY) -m benchmarks.pipeline
 	$(PY) -m benchmarks.staleness
 	$(PY) -m benchmarks.comm
+	$(PY) -m benchmarks.large_batch
+	$(PY) -m benchmarks.peers
+	$(PY) -m benchmarks.plan
+	$(PY) -m benchmarks.report
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -12,6 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 REPORTS = Path(__file__).resolve().parent / "reports"
+ROOT = REPORTS.parent.parent
+# NAME.meta.json beside each report: what benchmarks.report indexes.
+META_SUFFIX = ".meta.json"
 
 
 def machine() -> dict:
@@ -19,14 +23,16 @@ def machine() -> dict:
     import numpy as np
     facts = {"python": platform.python_version(), "numpy": np.__version__,
              "cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
+    if "torch" in sys.modules:  # only a benchmark that uses PyTorch reports its version
+        facts["torch"] = sys.modules["torch"].__version__
     try:
-        import torch
-        facts["torch"] = torch.__version__
-    except ImportError:
-        pass
-    try:
-        facts["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+        git = ["git", "-C", str(ROOT)]
+        facts["commit"] = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
                                          text=True, check=True).stdout.strip()
+        # A figure made from uncommitted code is not reproducible from the commit alone.
+        changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, check=True).stdout.strip()
+        facts["commit_dirty"] = bool(changed)
     except (OSError, subprocess.CalledProcessError):
         pass
     return facts
@@ -73,14 +79,26 @@ def _fmt(c) -> str:
     return f"{c:.3g}" if isinstance(c, float) else str(c)
 
 
-def write_report(name: str, title: str, body: str, data: dict) -> Path:
-    """benchmarks/reports/NAME.md (with the machine and command) and NAME.json (raw numbers)."""
-    REPORTS.mkdir(parents=True, exist_ok=True)
+def figures_in(markdown: str) -> list[str]:
+    """The local images a markdown text shows (![alt](file.png)), in order, once each."""
+    found = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", markdown)
+    return list(dict.fromkeys(f for f in found if "://" not in f))
+
+
+def write_report(name: str, title: str, body: str, data: dict, reports: Path | None = None) -> Path:
+    """benchmarks/reports/NAME.md (with the machine and command), NAME.json (raw numbers) and
+    NAME.meta.json (title, command, machine, date and figures, for `python -m benchmarks.report`)."""
+    reports = REPORTS if reports is None else reports
+    reports.mkdir(parents=True, exist_ok=True)
     facts = machine()
-    command = "python -m benchmarks." + name + " " + " ".join(sys.argv[1:])
-    header = f"# {title}\n\nCommand: `{command.strip()}`  \nMachine: " + ", ".join(
-        f"{k} {v}" for k, v in facts.items()) + f"  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
-    path = REPORTS / f"{name}.md"
+    command = ("python -m benchmarks." + name + " " + " ".join(sys.argv[1:])).strip()
+    date = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+    header = f"# {title}\n\nCommand: `{command}`  \nMachine: " + ", ".join(
+        f"{k} {v}" for k, v in facts.items()) + f"  \nDate: {date}\n\n"
+    path = reports / f"{name}.md"
     path.write_text(header + body.rstrip() + "\n")
-    (REPORTS / f"{name}.json").write_text(json.dumps({"machine": facts, "command": command, **data}, indent=1))
+    (reports / f"{name}.json").write_text(json.dumps({"machine": facts, "command": command, **data}, indent=1))
+    meta = {"name": name, "title": title, "command": command, "machine": facts, "date": date,
+            "report": path.name, "data": f"{name}.json", "figures": figures_in(body)}
+    (reports / f"{name}{META_SUFFIX}").write_text(json.dumps(meta, indent=1))
     return path
