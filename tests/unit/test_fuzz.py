@@ -18,10 +18,12 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import SHARED_MNIST
 from hpdl.config import Config
 from hpdl.data.__main__ import main as data_main
 from hpdl.train import main as train_main
+
+# As tests/conftest.py has it ("from conftest import" is ambiguous: tests/slurm has one too).
+SHARED_MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 
 pytestmark = pytest.mark.timeout(60)
 

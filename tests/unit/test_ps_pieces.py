@@ -110,7 +110,7 @@ def test_algorithm_option_errors_are_one_line(argv, needle):
 def test_yaml_hyper_parameter_of_the_wrong_type(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("algorithm: avg\ntau: often\n")
-    with pytest.raises(ConfigError, match="avg hyper-parameters"):
+    with pytest.raises(ConfigError, match="tau must be int, got 'often'"):
         make_config(["--config", str(path)])
 
 
