@@ -24,6 +24,24 @@ MICRO = 128  # samples per micro-batch: the single-worker batch
 OPTIONS = {"cnn": "{channels: [8, 16], hidden: 64}", "resnet": "{channels: [4, 8, 16]}"}
 
 
+READING = """\
+How to read the tables. The runs are short (a few epochs on two cores), which decides what
+the gain methods can do. AdaScale and LENA smooth the two sides of their gain ratios, top
+and bot, with weight S/1000 on each new value (ALGORITHMS.md section 9): a time constant
+of 1000/S updates (125 at S = 8, 31 at S = 32) against 116 to 464 updates per run here.
+And top and bot are squared gradient norms, which shrink by orders of magnitude as the
+loss falls, so their averages stay dominated by the large early values, taken where the
+micro-batch gradients agree and the ratio is close to 1 (the layer plots show the ratios
+creeping up from there). Both methods then step at a few times the base lr where linear
+scaling steps at S times it. `lena@0.1` is LENA with weight 0.1 (`--gain-smoothing 0.1`):
+its ratios follow the noise as training proceeds (up to the cap S), and the per-layer
+plots show the paper's premise, layers that differ: the linear layers' ratios (and so
+their rates) run above the convolutions'. LENA's warm-up counts layer progress (the sum of
+its scales), so a layer whose ratio stays low also warms up slowly. At S = 128 every method
+gets 3 to 6 updates in these budgets, which no method turns into a trained model.
+"""
+
+
 def run(model: str, options: str, S: int, method: str, epochs: int, evals_per_epoch: int, warmup: float,
         eta: float, data: str, threads: int) -> dict:
     """One training run (or its kept result): RESULT, eval records and per-layer lr records."""
@@ -96,7 +114,7 @@ def to_target(r: dict, target: float) -> tuple[int | None, float | None]:
     return None, None
 
 
-def plot_accuracy(model: str, runs: list[dict], target: float) -> str:
+def plot_accuracy(model: str, epochs: int, runs: list[dict], target: float) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -117,13 +135,13 @@ def plot_accuracy(model: str, runs: list[dict], target: float) -> str:
         ax.set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    name = f"large_batch_{model}_accuracy.png"
+    name = f"large_batch_{model}_e{epochs}_accuracy.png"
     fig.savefig(REPORTS / name, dpi=110)
     plt.close(fig)
     return name
 
 
-def plot_layers(model: str, runs: list[dict]) -> str:
+def plot_layers(model: str, epochs: int, runs: list[dict]) -> str:
     """LENA's per-layer learning rate and gain ratio over training, one line per layer, per batch size."""
     import matplotlib
     matplotlib.use("Agg")
@@ -141,7 +159,7 @@ def plot_layers(model: str, runs: list[dict]) -> str:
         axes[1][k].set_xlabel("update")
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    name = f"large_batch_{model}_layers.png"
+    name = f"large_batch_{model}_e{epochs}_layers.png"
     fig.savefig(REPORTS / name, dpi=110)
     plt.close(fig)
     return name
@@ -190,21 +208,23 @@ def main() -> None:
                          f"{100 * max(e['test_acc'] for e in r['evals']):.2f}%",
                          f"{100 * r['result']['test_acc']:.2f}%", r["result"]["steps"]])
         best = best_baselines(runs, target)
-        figs = [plot_accuracy(model, runs, target), plot_layers(model, runs)]
-        body.append(f"## {model}{' ' + options if options else ''}, {epochs} epochs per run\n\n"
+        figs = [plot_accuracy(model, epochs, runs, target), plot_layers(model, epochs, runs)]
+        body.append(f"## {model}{' ' + options if options else ''}, {epochs} epoch{'s' if epochs > 1 else ''} per run\n\n"
                     f"Target: {100 * target:.2f}% = the batch-128 SGD run's final {100 * base['result']['test_acc']:.2f}%"
                     f" minus {100 * args.tolerance:.1f} points. LARS trust coefficient {eta:.3g}.\n\n"
                     + markdown_table(["global batch", "S", "method", "updates to target", "train s to target",
                                       "best accuracy", "final accuracy", "updates"], rows)
                     + "\n\n" + best + "\n\n" + "\n".join(f"![{f}]({f})" for f in figs) + "\n")
-        data[model] = {"target": target, "lars_eta": eta, "runs": [{k: v for k, v in r.items() if k != "lr"} for r in runs]}
+        data[f"{model}_e{epochs}"] = {"target": target, "lars_eta": eta, "runs": [{k: v for k, v in r.items() if k != "lr"} for r in runs]}
     text = (f"One process per run, {args.threads} BLAS threads, float32; the same number of epochs (samples) for "
             f"every run of a model, micro-batch {MICRO}, global batch 128 x S by gradient accumulation. SGD momentum "
             "0.9, weight decay 5e-4, cosine decay, the model's base lr (cnn 0.02, resnet 0.05); lsw and lars scale "
             f"it by S, lamb uses lr 1e-3 x sqrt(S); warm-up over the first {100 * args.warmup:.0f}% of the "
             f"updates (LENA: the same share in layer progress), none for AdaScale; LARS trust coefficient "
-            "per model as stated below. Accuracy is evaluated {args.evals_per_epoch} times per epoch, so updates to target are "
-            "counted at those points; train seconds exclude evaluation.\n\n" + "\n".join(body))
+            f"per model as stated below. Accuracy is evaluated {args.evals_per_epoch} times per epoch, so updates to target are "
+            "counted at those points; train seconds exclude evaluation. Other jobs shared the two cores while "
+            "these runs ran, so train seconds compare only runs made at the same time; updates do not depend on "
+            "load.\n\n" + READING + "\n" + "\n".join(body))
     print(write_report("large_batch", "Large-batch learning-rate methods on MNIST", text, data))
 
 
