@@ -114,10 +114,23 @@ def to_target(r: dict, target: float) -> tuple[int | None, float | None]:
     return None, None
 
 
-def plot_accuracy(model: str, epochs: int, runs: list[dict], target: float) -> str:
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save(fig, name: str) -> str:
+    """The figure as reports/NAME, closed; NAME for the report's link."""
+    fig.tight_layout()
+    fig.savefig(REPORTS / name, dpi=110)
+    pyplot().close(fig)
+    return name
+
+
+def plot_accuracy(model: str, epochs: int, runs: list[dict], target: float) -> str:
+    plt = pyplot()
     sizes = sorted({r["S"] for r in runs if r["S"] > 1})
     fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.2), squeeze=False)
     base = next(r for r in runs if r["S"] == 1)
@@ -134,18 +147,12 @@ def plot_accuracy(model: str, epochs: int, runs: list[dict], target: float) -> s
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    name = f"large_batch_{model}_e{epochs}_accuracy.png"
-    fig.savefig(REPORTS / name, dpi=110)
-    plt.close(fig)
-    return name
+    return save(fig, f"large_batch_{model}_e{epochs}_accuracy.png")
 
 
 def plot_layers(model: str, epochs: int, runs: list[dict]) -> str:
     """LENA's per-layer learning rate and gain ratio over training, one line per layer, per batch size."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     lena = [r for r in runs if r["method"].startswith("lena") and r["S"] > 1 and r["lr"]]
     fig, axes = plt.subplots(2, len(lena), figsize=(4 * len(lena), 5.5), squeeze=False)
     for k, r in enumerate(lena):
@@ -158,11 +165,7 @@ def plot_layers(model: str, epochs: int, runs: list[dict]) -> str:
         axes[1][k].set_ylabel("gain ratio (cap S)")
         axes[1][k].set_xlabel("update")
     axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    name = f"large_batch_{model}_e{epochs}_layers.png"
-    fig.savefig(REPORTS / name, dpi=110)
-    plt.close(fig)
-    return name
+    return save(fig, f"large_batch_{model}_e{epochs}_layers.png")
 
 
 def main() -> None:
