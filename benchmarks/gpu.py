@@ -130,24 +130,8 @@ def torch_twin(torch, layers: list[Layer], params: list[dict]):
 
 
 def torch_runner(torch, model: Model, batches, steps: int) -> Callable[[], float]:
-    params = model.init(SEED)
-    net = torch_twin(torch, model.layers, params).cuda()
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    dev = [(torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()) for x, y in batches]
-    cycle = itertools.cycle(dev)
-
-    def run() -> float:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            x, y = next(cycle)
-            opt.zero_grad(set_to_none=True)
-            loss_fn(net(x), y).backward()
-            opt.step()
-        torch.cuda.synchronize()
-        return steps * len(dev[0][1]) / (time.perf_counter() - t0)
-    return run
+    from benchmarks.single_process import torch_runner as timed_steps
+    return timed_steps(torch_twin(torch, model.layers, model.init(SEED)).cuda(), batches, steps, "cuda")
 
 
 def gemm_tflops(cp, n: int = 8192, repeats: int = 10) -> float:
