@@ -8,6 +8,7 @@ whose file ends in a RESULT is not run again, so an interrupted benchmark resume
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import subprocess
@@ -20,6 +21,7 @@ RUNS = REPORTS / "large_batch"
 # NAME@W: the method with gain ratios smoothed by weight W on new values instead of S/1000.
 METHODS = ("lsw", "lars", "lamb", "adascale", "lena", "lena@0.1")
 MICRO = 128  # samples per micro-batch: the single-worker batch
+PLANS = ("cnn:2:1,8,32,128", "cnn:8:1,8,32", "cnn/full:4:1,8,32", "resnet:1:1,16,128")
 # Narrower than the models' defaults, so that the whole grid runs in an hour on two cores.
 OPTIONS = {"cnn": "{channels: [8, 16], hidden: 64}", "resnet": "{channels: [4, 8, 16]}"}
 
@@ -45,7 +47,7 @@ gets 3 to 6 updates in these budgets, which no method turns into a trained model
 def run(model: str, options: str, S: int, method: str, epochs: int, evals_per_epoch: int, warmup: float,
         eta: float, data: str, threads: int) -> dict:
     """One training run (or its kept result): RESULT, eval records and per-layer lr records."""
-    path = RUNS / f"{model}_{method}_S{S}_e{epochs}.jsonl"
+    path = RUNS / f"{run_tag(model, options)}_{method}_S{S}_e{epochs}.jsonl"
     result_path = path.with_suffix(".result.json")
     if not (path.exists() and result_path.exists()):
         steps_per_epoch = 60000 // (MICRO * S)
@@ -99,9 +101,16 @@ def lars_eta(model: str, options: str, data: str) -> float:
     return float(0.1 / np.median(ratios))
 
 
+def run_tag(model: str, options: str) -> str:
+    """The model's name in file names, marked when its builder options are not the benchmark's default."""
+    if options == OPTIONS.get(model, ""):
+        return model
+    return f"{model}-{hashlib.sha256(options.encode()).hexdigest()[:8]}"
+
+
 def options_file(model: str, options: str) -> Path:
     """A YAML config holding the model's builder options."""
-    path = RUNS / f"{model}_options.yaml"
+    path = RUNS / f"{run_tag(model, options)}_options.yaml"
     path.write_text(f"model_options: {options}\n")
     return path
 
@@ -129,7 +138,7 @@ def save(fig, name: str) -> str:
     return name
 
 
-def plot_accuracy(model: str, epochs: int, runs: list[dict], target: float) -> str:
+def plot_accuracy(model: str, tag: str, epochs: int, runs: list[dict], target: float) -> str:
     plt = pyplot()
     sizes = sorted({r["S"] for r in runs if r["S"] > 1})
     fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.2), squeeze=False)
@@ -147,10 +156,10 @@ def plot_accuracy(model: str, epochs: int, runs: list[dict], target: float) -> s
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=7)
-    return save(fig, f"large_batch_{model}_e{epochs}_accuracy.png")
+    return save(fig, f"large_batch_{tag}_e{epochs}_accuracy.png")
 
 
-def plot_layers(model: str, epochs: int, runs: list[dict]) -> str:
+def plot_layers(model: str, tag: str, epochs: int, runs: list[dict]) -> str:
     """LENA's per-layer learning rate and gain ratio over training, one line per layer, per batch size."""
     plt = pyplot()
     lena = [r for r in runs if r["method"].startswith("lena") and r["S"] > 1 and r["lr"]]
@@ -165,15 +174,16 @@ def plot_layers(model: str, epochs: int, runs: list[dict]) -> str:
         axes[1][k].set_ylabel("gain ratio (cap S)")
         axes[1][k].set_xlabel("update")
     axes[0][0].legend(fontsize=6)
-    return save(fig, f"large_batch_{model}_e{epochs}_layers.png")
+    return save(fig, f"large_batch_{tag}_e{epochs}_layers.png")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--plan", action="append", metavar="MODEL:EPOCHS:S,S,...",
-                    help="a model, the epochs of each of its runs (the same samples for all) and the S values "
+                    help="a model (MODEL/full: at the builder's default widths), the epochs of each of its runs "
+                         "(the same samples for all) and the S values "
                          "(global batch = 128 x S; S = 1 is the SGD baseline); repeatable "
-                         "(default: cnn:2:1,8,32,128 and resnet:1:1,16,128)")
+                         f"(default: {' '.join(PLANS)})")
     ap.add_argument("--options", action="append", default=[], metavar="MODEL=YAML",
                     help="a model's builder options, e.g. cnn='{channels: [32, 64]}' ('' for the model's default; "
                          f"default: {', '.join(f'{m}={o}' for m, o in OPTIONS.items())})")
@@ -184,19 +194,21 @@ def main() -> None:
                     help="LARS trust coefficient (0: per model, the median trust ratio at 0.1 on the first batch)")
     ap.add_argument("--tolerance", type=float, default=0.005,
                     help="target = the batch-128 SGD run's final accuracy minus this")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="BLAS threads per run (kept runs are not redone)")
     ap.add_argument("--data", default="data/mnist.h5")
     args = ap.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",")
     body, data = [], {}
-    for spec in args.plan or ["cnn:2:1,8,32,128", "resnet:1:1,16,128"]:
+    for spec in args.plan or list(PLANS):
         try:
             model, epochs, sizes = spec.split(":")
             epochs, sizes = int(epochs), [int(s) for s in sizes.split(",")]
         except ValueError:
             ap.error(f"--plan {spec!r}: expected MODEL:EPOCHS:S,S,... such as cnn:2:1,8,32")
-        options = {**OPTIONS, **dict(o.split("=", 1) for o in args.options)}.get(model, "")
+        model, _, width = model.partition("/")
+        # MODEL/full: the builder's own widths, beside the narrower benchmark default
+        options = "" if width == "full" else {**OPTIONS, **dict(o.split("=", 1) for o in args.options)}.get(model, "")
         common = (model, options)
         eta = args.eta or lars_eta(model, options, args.data)
         rest = (epochs, args.evals_per_epoch, args.warmup, eta, args.data, args.threads)
@@ -211,14 +223,15 @@ def main() -> None:
                          f"{100 * max(e['test_acc'] for e in r['evals']):.2f}%",
                          f"{100 * r['result']['test_acc']:.2f}%", r["result"]["steps"]])
         best = best_baselines(runs, target)
-        figs = [plot_accuracy(model, epochs, runs, target), plot_layers(model, epochs, runs)]
-        body.append(f"## {model}{' ' + options if options else ''}, {epochs} epoch{'s' if epochs > 1 else ''} per run\n\n"
+        tag = run_tag(model, options)
+        figs = [plot_accuracy(model, tag, epochs, runs, target), plot_layers(model, tag, epochs, runs)]
+        body.append(f"## {model}{' ' + options if options else ' (default widths)'}, {epochs} epoch{'s' if epochs > 1 else ''} per run\n\n"
                     f"Target: {100 * target:.2f}% = the batch-128 SGD run's final {100 * base['result']['test_acc']:.2f}%"
                     f" minus {100 * args.tolerance:.1f} points. LARS trust coefficient {eta:.3g}.\n\n"
                     + markdown_table(["global batch", "S", "method", "updates to target", "train s to target",
                                       "best accuracy", "final accuracy", "updates"], rows)
                     + "\n\n" + best + "\n\n" + "\n".join(f"![{f}]({f})" for f in figs) + "\n")
-        data[f"{model}_e{epochs}"] = {"target": target, "lars_eta": eta, "runs": [{k: v for k, v in r.items() if k != "lr"} for r in runs]}
+        data[f"{tag}_e{epochs}"] = {"target": target, "lars_eta": eta, "runs": [{k: v for k, v in r.items() if k != "lr"} for r in runs]}
     text = (f"One process per run, {args.threads} BLAS threads, float32; the same number of epochs (samples) for "
             f"every run of a model, micro-batch {MICRO}, global batch 128 x S by gradient accumulation. SGD momentum "
             "0.9, weight decay 5e-4, cosine decay, the model's base lr (cnn 0.02, resnet 0.05); lsw and lars scale "
@@ -229,6 +242,12 @@ def main() -> None:
             "these runs ran, so train seconds compare only runs made at the same time; updates do not depend on "
             "load.\n\n" + READING + "\n" + "\n".join(body))
     print(write_report("large_batch", "Large-batch learning-rate methods on MNIST", text, data))
+
+
+def change(value: float, baseline: float, down: str, up: str) -> str:
+    """'45.2% fewer' or '20.0% more': value against baseline."""
+    ratio = value / baseline - 1
+    return f"{100 * abs(ratio):.1f}% {down if ratio < 0 else up}"
 
 
 def best_baselines(runs: list[dict], target: float) -> str:
@@ -248,8 +267,8 @@ def best_baselines(runs: list[dict], target: float) -> str:
                 m_steps = min(others, key=lambda m: others[m][0])
                 m_time = min(others, key=lambda m: others[m][1])
                 verdict = (f"{variant} {steps} updates vs the best other ({m_steps}) {others[m_steps][0]}: "
-                           f"{100 * (1 - steps / others[m_steps][0]):+.1f}% fewer; {secs:.0f} s vs ({m_time}) "
-                           f"{others[m_time][1]:.0f} s: {100 * (1 - secs / others[m_time][1]):+.1f}% less time")
+                           f"{change(steps, others[m_steps][0], 'fewer', 'more')}; {secs:.0f} s vs ({m_time}) "
+                           f"{others[m_time][1]:.0f} s: {change(secs, others[m_time][1], 'less', 'more')} time")
             lines.append(f"- batch {MICRO * S}: {verdict}")
     return "\n".join(lines)
 
