@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from ..backend import array_module
 from ..layers.base import Layer
 from .base import Optimizer
-from .lars import norm, trust_ratio
+from .lars import adapted, norm, trust_ratio
 
 
 class LAMB(Optimizer):
@@ -31,8 +31,7 @@ class LAMB(Optimizer):
             raise ValueError(f"eps must be positive, got {eps}")
         super().__init__(layers, weight_decay, lr_scale, wd_scale)
         self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
-        excluded = {(i, name) for i, layer in enumerate(self.layers) for name in layer.no_decay}
-        self._adapted = {key for i, name, key, _ in self._tensors if (i, name) not in excluded}
+        self._adapted = adapted(self)
         self.trust: dict[str, float] = {}  # the last step's trust ratio of each adapted tensor, by state key
 
     def _update(self, key: str, w, g, lr: float, wd: float) -> None:

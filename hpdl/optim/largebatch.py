@@ -49,15 +49,14 @@ class GainRatio:
         """Fold in one update's top and bot; the smoothed ratio of each group, in [1/.., S]."""
         if self.S == 1:
             return np.ones_like(self.top)
-        if not (np.isfinite(top).all() and np.isfinite(bot).all()):
-            # A NaN would stay in the averages for good: the optimizer stops or skips this update.
-            return np.minimum((self.top + EPS) / (self.bot + EPS), self.S)
-        if self.seen:
-            self.top += self.theta * (top - self.top)
-            self.bot += self.theta * (bot - self.bot)
-        else:  # the first observation starts the average
-            self.top[...], self.bot[...] = top, bot
-            self.seen = True
+        # A NaN would stay in the averages for good: the optimizer stops or skips such an update.
+        if np.isfinite(top).all() and np.isfinite(bot).all():
+            if self.seen:
+                self.top += self.theta * (top - self.top)
+                self.bot += self.theta * (bot - self.bot)
+            else:  # the first observation starts the average
+                self.top[...], self.bot[...] = top, bot
+                self.seen = True
         return np.minimum((self.top + EPS) / (self.bot + EPS), self.S)
 
 
@@ -124,8 +123,8 @@ class AdaScale(LRMethod):
         self.gain = GainRatio(micro_batches, 1, smoothing)
 
     def rates(self, grads, micro_sq):
-        top, bot = global_top_bot(self.layers, grads, micro_sq, self.S)
-        r = float(self.gain.update(np.array([top]), np.array([bot]))[0])
+        top, bot = layer_top_bot(self.layers, grads, micro_sq, self.S)
+        r = float(self.gain.update(np.array([top.sum()]), np.array([bot.sum()]))[0])
         lr = r * self.schedule(self.t)
         self.t += 1
         self.last = {"lr": [lr] * len(self.layers), "gain": [r] * len(self.layers)}
@@ -160,8 +159,7 @@ class LENA(LRMethod):
         self.progress = np.zeros(len(self.layers))
 
     def rates(self, grads, micro_sq):
-        bot = squared_norms(self.layers, grads)
-        top = micro_sq / self.S if self.S > 1 else bot
+        top, bot = layer_top_bot(self.layers, grads, micro_sq, self.S)
         scale = self.gain.update(top, bot)
         whole = float(self.whole.update(np.array([top.sum()]), np.array([bot.sum()]))[0])
         warm = np.minimum(self.progress / self.warmup, 1.0) if self.warmup else np.ones_like(scale)
@@ -182,9 +180,10 @@ class LENA(LRMethod):
         self.progress[...] = state["progress"]
 
 
-def global_top_bot(layers, grads, micro_sq, S: int) -> tuple[float, float]:
-    bot = float(squared_norms(layers, grads).sum())
-    return (float(micro_sq.sum()) / S if S > 1 else bot), bot
+def layer_top_bot(layers, grads, micro_sq, S: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, the mean micro-batch squared norm and the averaged gradient's squared norm."""
+    bot = squared_norms(layers, grads)
+    return (micro_sq / S if S > 1 else bot), bot
 
 
 def gain_state(gain: GainRatio, prefix: str = "") -> dict[str, np.ndarray]:

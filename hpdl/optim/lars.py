@@ -1,6 +1,7 @@
 """LARS: SGD momentum with a per-tensor trust ratio (You et al. 2017; MXNet's optimizer/lars.py)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from ..backend import array_module
@@ -15,11 +16,14 @@ def norm(a) -> float:
 
 def trust_ratio(numerator: float, denominator: float) -> float:
     """numerator / denominator, or 1 where that is 0, infinite or NaN (a zero tensor, a zero update)."""
-    if numerator > 0.0 and denominator > 0.0:
-        ratio = numerator / denominator
-        if ratio == ratio and ratio != float("inf"):
-            return ratio
+    if numerator > 0.0 and denominator > 0.0 and math.isfinite(ratio := numerator / denominator):
+        return ratio
     return 1.0
+
+
+def adapted(optimizer) -> set[str]:
+    """State keys of the tensors that get a trust ratio: all but bias and normalization ones (`no_decay`)."""
+    return {key for i, name, key, _ in optimizer._tensors if name not in optimizer.layers[i].no_decay}
 
 
 class LARS(SGD):
@@ -40,8 +44,7 @@ class LARS(SGD):
             raise ValueError(f"LARS trust coefficient must be positive, got {eta}")
         super().__init__(layers, momentum, False, weight_decay, lr_scale, wd_scale)
         self.eta, self.eps = float(eta), float(eps)
-        excluded = {(i, name) for i, layer in enumerate(self.layers) for name in layer.no_decay}
-        self._adapted = {key for i, name, key, _ in self._tensors if (i, name) not in excluded}
+        self._adapted = adapted(self)
         self.trust: dict[str, float] = {}  # the last step's trust ratio of each adapted tensor, by state key
 
     def _update(self, key: str, w, g, lr: float, wd: float) -> None:
