@@ -28,6 +28,9 @@ def quiet_fp() -> np.errstate:
     return np.errstate(over="ignore", invalid="ignore")
 
 
+OUTPUT_GRACE_S = 0.5
+
+
 def default_threads(local_ranks: int = 1) -> int:
     """Cores shared evenly by the ranks on this node."""
     return max(1, (os.cpu_count() or 1) // local_ranks)
@@ -88,18 +91,22 @@ def run_mpi(cfg, backend) -> dict | None | int:
         with threadpool_limits(cfg.threads or default_threads(local_ranks(comm))), quiet_fp():
             return train(cfg, backend, plan, comm)
     except USER_ERRORS as e:
-        print(f"hpdl.train: rank {rank}: error: {e}", file=sys.stderr, flush=True)
-        comm.Abort(2)
+        abort(comm, 2, f"hpdl.train: rank {rank}: error: {e}")
     except MPI.Exception as e:
         # Most often a peer died mid-transfer: give its hpdl.guard time to name it before this abort ends the job.
-        print(f"hpdl.train: rank {rank}: MPI error ({' '.join(str(e).split())[:300]}); a peer rank probably died",
-              file=sys.stderr, flush=True)
-        time.sleep(PEER_DEATH_GRACE_S)
-        comm.Abort(1)
+        abort(comm, 1, f"hpdl.train: rank {rank}: MPI error ({' '.join(str(e).split())[:300]}); a peer rank "
+              "probably died", PEER_DEATH_GRACE_S)
     except BaseException:
-        print(f"hpdl.train: rank {rank}: {traceback.format_exc()}", file=sys.stderr, flush=True)
-        comm.Abort(1)
+        abort(comm, 1, f"hpdl.train: rank {rank}: {traceback.format_exc()}")
     return 1
+
+
+def abort(comm, code: int, message: str, grace_s: float = OUTPUT_GRACE_S) -> None:
+    """Print `message`, then end the whole job with `code` after `grace_s`: mpirun forwards a
+    rank's stderr asynchronously, and an immediate MPI_Abort can kill that before the line is out."""
+    print(message, file=sys.stderr, flush=True)
+    time.sleep(grace_s)
+    comm.Abort(code)
 
 
 def local_ranks(comm) -> int:
