@@ -167,8 +167,8 @@ class StageRunner:
             self._check_finite(lr)
             self.update(self.grads.vector, lr)
         elif self.lr_method is not None:
-            stats = self.grads.stats if self.lr_method.needs_micro_norms else None
-            self.optimizer.step(self.params, self.grads.views, self.lr_method.rates(self.grads.views, stats))
+            # The stats are empty unless the method asked for micro-batch norms.
+            self.optimizer.step(self.params, self.grads.views, self.lr_method.rates(self.grads.views, self.grads.stats))
         else:
             self.optimizer.step(self.params, self.grads.views, lr)
         self.grads.vector[...] = 0
