@@ -121,7 +121,7 @@ def single_worker(args) -> dict:
     params = model.init(0)
     if args.impl == "hpdl":
         def runner(n: int):
-            return hpdl_runner(model, params, batches, n)
+            return hpdl_runner(model, params, batches, n, args.threads)
     else:
         net = torch_model(model, params)
 

@@ -15,20 +15,24 @@ from hpdl.data import Loader
 from hpdl.layers import EVAL
 from hpdl.models import build_model
 from hpdl.optim import make_optimizer
+from hpdl.threads import RowThreads, row_blocks
 from hpdl.trainer import loss_and_grads
 
 
-def hpdl_runner(model, params, batches, steps: int):
+def hpdl_runner(model, params, batches, steps: int, threads: int):
+    """Samples/s of `steps` SGD steps of hpdl's step with `threads` threads, shared as hpdl.train shares them."""
     opt = make_optimizer("sgd", model.layers, momentum=0.9)
     cycle = itertools.cycle(batches)
+    rows = RowThreads(row_blocks("auto", model.layers, threads))
 
     def run() -> float:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            x, y = next(cycle)
-            _, grads = loss_and_grads(model.layers, params, x, y, (0,))
-            opt.step(params, grads, 0.01)
-        return steps * len(batches[0][1]) / (time.perf_counter() - t0)
+        with threadpool_limits(threads), rows.blas_limit():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                x, y = next(cycle)
+                _, grads = loss_and_grads(model.layers, params, x, y, (0,), threads=rows)
+                opt.step(params, grads, 0.01)
+            return steps * len(batches[0][1]) / (time.perf_counter() - t0)
     return run
 
 
@@ -88,7 +92,7 @@ def main() -> None:
             model = build_model(name)
             params = model.init(0)
             net = torch_model(model, [{k: v.copy() for k, v in p.items()} for p in params])
-            runs = {"hpdl": hpdl_runner(model, params, batches, args.steps),
+            runs = {"hpdl": hpdl_runner(model, params, batches, args.steps, args.threads),
                     "torch": torch_runner(net, batches, args.steps)}
             for run in runs.values():  # warm-up: first-touch allocations, BLAS thread start
                 run()

@@ -65,7 +65,11 @@ class Config:
     # execution
     device: str = opt("cpu", "array backend", ("cpu", "gpu", "auto"))
     dtype: str = opt("float32", "floating-point type", ("float32", "float64"))
-    threads: int = opt(0, "BLAS threads per rank (0: cores / ranks on the node)")
+    threads: int = opt(0, "threads per rank (0: cores / ranks on the node)")
+    thread_split: str = opt("auto", "how one process's --threads share a step: 'rows' splits each batch into "
+                            "row blocks run at once, one BLAS thread each; 'blas' gives them all to BLAS; "
+                            "'auto' splits convolutional nets without BatchNorm (MPI ranks always use blas)",
+                            ("auto", "rows", "blas"))
     # parallel layout (mpirun -np N): N = stages x replicas + ps
     stages: int = opt(0, "pipeline stages (0: chosen from the world size and the model)")
     replicas: int = opt(0, "data-parallel replicas of each stage (0: world size / stages)")

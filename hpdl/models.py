@@ -52,7 +52,7 @@ def forward(layers: Sequence[Layer], params: Sequence[Params], x, mode: Mode = T
     """
     caches = []
     for i, (layer, p) in enumerate(zip(layers, params), start=first):
-        x, cache = layer.forward(p, x, Mode(mode.train, mode.key + (i,)))
+        x, cache = layer.forward(p, x, mode.child(i))
         caches.append(cache)
     return x, caches
 

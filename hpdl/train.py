@@ -16,6 +16,7 @@ from .data import DataError
 from .guard import PEER_DEATH_GRACE_S, publish_rank_table
 from .metrics import print_result
 from .nonfinite import NonFiniteError
+from .threads import default_threads
 from .trainer import train_local
 
 # MemoryError: numpy's message names the size asked for (an oversized model or batch).
@@ -29,11 +30,6 @@ def quiet_fp() -> np.errstate:
 
 
 OUTPUT_GRACE_S = 0.5
-
-
-def default_threads(local_ranks: int = 1) -> int:
-    """Cores shared evenly by the ranks on this node."""
-    return max(1, (os.cpu_count() or 1) // local_ranks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +79,9 @@ def run_mpi(cfg, backend) -> dict | None | int:
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     try:  # no communication yet: every rank reaches the same verdict, rank 0 says it once
+        if cfg.thread_split == "rows":
+            raise ConfigError("--thread-split rows splits one process's batch; the ranks of an MPI job "
+                              "give their --threads to BLAS")
         plan = plan_run(cfg, comm.Get_size())
     except USER_ERRORS as e:
         return user_error(e) if rank == 0 else 2

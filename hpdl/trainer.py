@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -18,10 +19,12 @@ from .models import Model, backward, build_model, forward
 from .flat import Flat
 from .optim import LRMethod, make_lr_method, make_optimizer
 from .optim.largebatch import pack_state, restore_state
+from .threads import RowThreads, default_threads, row_blocks
 
 
 # Test-set batches: large, since evaluation keeps no caches.
 EVAL_BATCH = 1000
+SERIAL = RowThreads(1)
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -71,28 +74,53 @@ def test_loader(cfg: Config, xp, dtype) -> Loader:
 
 
 def loss_and_grads(layers: Sequence[Layer], params: Sequence[Params], x, y, key: tuple[int, ...],
-                   weight: float = 1.0, on_layer=None):
+                   weight: float = 1.0, on_layer=None, threads: RowThreads = SERIAL):
     """One forward and backward pass: (mean loss, per-layer gradients of weight x mean loss).
 
     `on_layer(i, grads_i)` is called as each layer's gradients are ready (models.backward).
+    With `threads`, row blocks of the batch run at once, each weighted by its share of the
+    rows, and their gradients are summed before on_layer sees them.
     """
-    logits, caches = forward(layers, params, x, Mode(True, key))
-    loss, cache = softmax_cross_entropy_forward(logits, y)
-    _, grads = backward(layers, params, caches, softmax_cross_entropy_backward(cache, weight), on_layer,
-                        need_dx=False)
+    n = len(y)
+
+    def block(first: int, stop: int):
+        whole = stop - first == n
+        logits, caches = forward(layers, params, x[first:stop], Mode(True, key, None if whole else (first, n)))
+        loss, cache = softmax_cross_entropy_forward(logits, y[first:stop])
+        share = (stop - first) / n
+        _, grads = backward(layers, params, caches, softmax_cross_entropy_backward(cache, weight * share),
+                            on_layer if whole else None, need_dx=False)
+        return loss * share, grads
+
+    (loss, grads), *rest = threads.map(block, n)
+    if not rest:
+        return loss, grads
+    for part, part_grads in rest:
+        loss = loss + part
+        for mine, theirs in zip(grads, part_grads):
+            for name in mine:
+                mine[name] += theirs[name]
+    if on_layer is not None:
+        for i in reversed(range(len(grads))):
+            on_layer(i, grads[i])
     return loss, grads
 
 
-def evaluate(layers: Sequence[Layer], params: Sequence[Params], loader: Loader) -> tuple[float, float]:
-    """Mean loss and accuracy over a whole split."""
+def evaluate(layers: Sequence[Layer], params: Sequence[Params], loader: Loader,
+             threads: RowThreads = SERIAL) -> tuple[float, float]:
+    """Mean loss and accuracy over a whole split (each batch in row blocks over `threads`)."""
     total_loss = total_correct = n = 0.0
+
+    def block(x, y, first: int, stop: int):
+        logits, _ = forward(layers, params, x[first:stop], EVAL)
+        loss, _ = softmax_cross_entropy_forward(logits, y[first:stop])
+        return float(loss) * (stop - first), float(accuracy(logits, y[first:stop])) * (stop - first), stop - first
+
     for x, y in loader.epoch(0):
-        logits, _ = forward(layers, params, x, EVAL)
-        loss, _ = softmax_cross_entropy_forward(logits, y)
-        b = len(y)
-        total_loss += float(loss) * b
-        total_correct += float(accuracy(logits, y)) * b
-        n += b
+        for loss, correct, b in threads.map(partial(block, x, y), len(y)):
+            total_loss += loss
+            total_correct += correct
+            n += b
     return total_loss / n, total_correct / n
 
 
@@ -154,6 +182,17 @@ class Run:
 def train_local(cfg: Config, backend: Backend) -> dict:
     """Train in one process; returns the RESULT record."""
     run = Run.build(cfg, backend)
+    threads = RowThreads(row_blocks(cfg.thread_split, run.model.layers, cfg.threads or default_threads(),
+                                    backend.device))
+    try:
+        with threads.blas_limit():
+            return _train(run, threads)
+    finally:
+        threads.close()
+
+
+def _train(run: Run, threads: RowThreads) -> dict:
+    cfg, backend = run.cfg, run.backend
     metrics = Metrics(cfg.metrics)
     if cfg.resume and run.restore():
         print(f"resumed from step {run.step}", flush=True)
@@ -173,7 +212,7 @@ def train_local(cfg: Config, backend: Backend) -> dict:
         nonlocal train_time, t0
         backend.synchronize()
         train_time += time.perf_counter() - t0
-        result = evaluate(layers, params, run.test)
+        result = evaluate(layers, params, run.test, threads)
         metrics.write(kind="eval", step=run.step, epoch=epoch, test_loss=result[0], test_acc=result[1],
                       train_s=train_time)
         t0 = time.perf_counter()
@@ -187,7 +226,8 @@ def train_local(cfg: Config, backend: Backend) -> dict:
             loss = 0.0
             for j in range(I):  # the micro-batches of one update, gradients summed in `acc`
                 x, y = next(batches)
-                part, grads = loss_and_grads(layers, params, x, y, (cfg.seed, run.step, j), 1.0 / I, on_layer)
+                part, grads = loss_and_grads(layers, params, x, y, (cfg.seed, run.step, j), 1.0 / I, on_layer,
+                                             threads)
                 loss += part / I
             if acc is not None:
                 grads = acc.views
@@ -215,7 +255,7 @@ def train_local(cfg: Config, backend: Backend) -> dict:
             run.save()
     bar.close()
     if test_acc is None:  # resumed at the end: nothing trained, still report
-        test_loss, test_acc = evaluate(layers, params, run.test)
+        test_loss, test_acc = evaluate(layers, params, run.test, threads)
     samples = (run.step - start_step) * cfg.batch_size * I
     metrics.close()
     return {"test_acc": test_acc, "test_loss": test_loss, "train_loss": float(loss),

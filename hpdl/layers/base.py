@@ -1,7 +1,7 @@
 """The layer contract: a stateless description with a pure forward/backward pair."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -16,11 +16,18 @@ class Mode:
 
     `key` is a tuple of ints (seed, step, micro-batch, ...) from which a layer draws its
     randomness; a pipeline stage and a single process that pass the same key draw the
-    same dropout masks.
+    same dropout masks. `rows` is (first row, rows of the whole batch) when x holds one
+    block of a batch split over threads; a layer then draws its block of the whole batch's
+    randomness, so splitting changes no mask.
     """
 
     train: bool = True
     key: tuple[int, ...] = (0,)
+    rows: tuple[int, int] | None = None
+
+    def child(self, i: int) -> Mode:
+        """The mode of sub-layer i: its own key, the same rows."""
+        return replace(self, key=self.key + (i,))
 
 
 TRAIN = Mode(train=True)
@@ -46,6 +53,9 @@ class Layer:
     # True where an optimizer's weight decay and LARS/LAMB trust ratios should skip the
     # tensor (biases, normalization scales and shifts).
     no_decay: tuple[str, ...] = ()
+    # True where a sample's output depends on the other rows of its batch (batch statistics),
+    # which rules out splitting a batch over threads.
+    couples_rows: bool = False
 
     def init(self, rng: np.random.Generator, xp, dtype) -> Params:
         return {}

@@ -28,7 +28,11 @@ class Dropout(Layer):
         xp = array_module(x)
         # Drawn on the host with NumPy so that a GPU run draws the very masks a CPU run does.
         rng = np.random.default_rng(mode.key + (self.salt,))
-        keep = rng.random(x.shape, dtype=np.float32) >= self.p
+        if mode.rows is None:
+            keep = rng.random(x.shape, dtype=np.float32) >= self.p
+        else:  # one block of a batch split over threads: its rows of the whole batch's mask
+            first, total = mode.rows
+            keep = rng.random((total, *x.shape[1:]), dtype=np.float32)[first:first + len(x)] >= self.p
         mask = xp.asarray(keep, dtype=x.dtype) * (1.0 / (1.0 - self.p))
         return x * mask, mask
 

@@ -60,6 +60,7 @@ class BatchNorm(Layer):
 
     trainable = ("gamma", "beta")
     no_decay = ("gamma", "beta")
+    couples_rows = True
 
     def __init__(self, c: int, eps: float = 1e-5, momentum: float = 0.1):
         self.c, self.eps, self.momentum = c, eps, momentum

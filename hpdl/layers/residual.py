@@ -21,7 +21,7 @@ def _chain_forward(parts: list[Part], params: Params, x, mode: Mode):
     caches = []
     for tag, j, layer in parts:
         # Extending the key keeps two dropouts of one block from drawing the same mask.
-        x, cache = layer.forward(_sub(params, tag), x, Mode(mode.train, mode.key + (j,)))
+        x, cache = layer.forward(_sub(params, tag), x, mode.child(j))
         caches.append(cache)
     return x, caches
 
@@ -63,6 +63,10 @@ class Residual(Layer):
     @property
     def no_decay(self) -> tuple[str, ...]:
         return tuple(f"{tag}.{name}" for tag, _, layer in self._parts() for name in layer.no_decay)
+
+    @property
+    def couples_rows(self) -> bool:
+        return any(layer.couples_rows for _, _, layer in self._parts())
 
     def init(self, rng, xp, dtype):
         return {f"{tag}.{name}": a for tag, _, layer in self._parts()
