@@ -39,6 +39,7 @@ from .algorithms.easgd import easgd_sync_center, easgd_sync_worker
 from .algorithms.hogwild import hogwild_apply
 from .algorithms.registry import AlgorithmSpec
 from .backend import Backend, array_module, to_host
+from .comm.device import stager_for
 from .comm.p2p import PipeChannel
 from .comm.topology import Topology
 from .comm.wait import allreduce, wait, waitall
@@ -254,7 +255,8 @@ def make_updater(cfg: Config, algo: Algorithm, topo: Topology, w, updates: int, 
     spec, hyper, replicas = algo.spec, algo.hyper, topo.stage_comm
     if spec.kind == "ps":
         shards = stage_shards(topo.stage, topo.n_stages, topo.layout.ps, w.size)
-        client = PsClient(ps_comm, shards, [topo.ps_ranks[sh.ps_index] for sh in shards], w.size, w.dtype, cfg.poll)
+        client = PsClient(ps_comm, shards, [topo.ps_ranks[sh.ps_index] for sh in shards], w.size, w.dtype, cfg.poll,
+                          stager_for(array_module(w)))
         return RuleWorker(spec.make_worker(w, hyper), client, w, updates)
     if spec.kind == "shared-memory":
         return HogwildWorker(SharedVector(replicas, to_host(w), cfg.poll), w)
@@ -317,7 +319,7 @@ def run_worker(cfg: Config, backend: Backend, plan: Plan, algo: Algorithm, topo:
     w = Flat.adopt(layers, params, xp, dtype).vector   # the runner's parameters are views of w
     updater = make_updater(cfg, algo, topo, w, shape.updates, ps_comm)
     spec = SCHEDULES[algo.schedule]
-    channel = PipeChannel(topo.pipe, s, P, poll=cfg.poll) if P > 1 else None
+    channel = PipeChannel(topo.pipe, s, P, poll=cfg.poll, stager=stager_for(xp)) if P > 1 else None
     tracer.set_name(f"stage {s} / replica {m}")
     runner = StageRunner(layers, params, start, s, P, algo.schedule, n_micro if spec.flush else max(shape.updates, P),
                          None, channel, stage_shapes(plan.model.shapes(), (start, stop)), xp, dtype,

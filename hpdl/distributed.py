@@ -12,6 +12,7 @@ from mpi4py import MPI
 
 from .backend import Backend, to_host
 from .checkpoint_sharded import Resume
+from .comm.device import stager_for
 from .comm.p2p import PipeChannel
 from .comm.topology import Layout, Topology, choose_layout
 from .comm.wait import wait
@@ -156,7 +157,7 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
     params = model.init(cfg.seed, xp, dtype, start, stop)
     tracer = Tracer(rank, enabled=bool(cfg.trace))
     tracer.set_name(f"stage {s} / replica {topo.replica}")
-    channel = PipeChannel(topo.pipe, s, P) if P > 1 else None
+    channel = PipeChannel(topo.pipe, s, P, stager=stager_for(xp)) if P > 1 else None
     # An update runs I = --accumulate mini-batches of n_micro micro-batches through the pipeline.
     # Asynchronous schedules run an epoch's micro-batches as one stream: size the stash for it.
     I = cfg.accumulate

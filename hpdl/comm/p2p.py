@@ -1,15 +1,14 @@
 """Activations forward and their gradients backward between adjacent pipeline stages."""
 from __future__ import annotations
 
-import os
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
-from ..backend import array_module, to_host
+from .device import Outgoing, Stager, default_stager
 from .wait import wait, waitall
 
 ACT, GRAD = 0, 1
@@ -21,28 +20,9 @@ KINDS = {ACT: "act", GRAD: "grad"}
 # fewer than TAG_PERIOD micro-batches are in flight.
 TAG_PERIOD = 16384
 
-# Set to 1 where the MPI library reads device memory itself (CUDA-aware MPI); mpi4py has
-# no portable query for it, so device arrays are staged through host memory by default.
-CUDA_AWARE_ENV = "HPDL_CUDA_AWARE_MPI"
-
 
 def tag(kind: int, mb: int) -> int:
     return 2 * (mb % TAG_PERIOD) + kind
-
-
-def _host_view(array) -> Any:
-    """The buffer MPI reads to send `array`: itself when MPI can read it, else a host copy.
-
-    The one place that decides how device memory reaches MPI.
-    """
-    if isinstance(array, np.ndarray):
-        return np.ascontiguousarray(array)
-    # A device array: MPI must not read it before the kernels that write it have finished.
-    xp = array_module(array)
-    xp.cuda.get_current_stream().synchronize()
-    if os.environ.get(CUDA_AWARE_ENV) == "1":
-        return xp.ascontiguousarray(array)
-    return to_host(array)
 
 
 class BufferPool:
@@ -78,27 +58,35 @@ class RecvHandle:
     mb: int
     source: int
     request: MPI.Request
-    buffer: np.ndarray
+    buffer: Any  # a pooled NumPy array, or the stager's (pinned host or device) buffer
 
 
 class PipeChannel:
     """This stage's links to the previous and next stage of its pipeline (pipe rank == stage).
 
-    Receives land in pooled host buffers: wait_recv lends one out, release gives it back.
-    Sends are nonblocking; the channel holds each send buffer until its send completes
-    (reaped lazily on the next send, or by flush), so the caller must not write to an array
-    it has sent.
+    Receives land in pooled host buffers: wait_recv lends one out, release gives it back;
+    `take` returns the received array as the caller's own. Sends are nonblocking; the
+    channel holds each send buffer until its send completes (reaped lazily on the next
+    send, or by flush), so the caller must not write to an array it has sent.
+
+    Device arrays go through `stager` (comm/device.py): with a stager, receives land in its
+    buffers and `take` gives device arrays. A device send whose staging copy is still
+    running is held back (compute goes on meanwhile) and posted, in order, once the copy is
+    done: at the next send, and in any case before this channel waits for anything, so a
+    peer never waits on a message held here while this rank waits on it.
     """
 
     def __init__(self, pipe_comm: MPI.Comm, stage: int, n_stages: int, poll: str = "sleep",
-                 timeout: float | None = None):
+                 timeout: float | None = None, stager: Stager | None = None):
         if pipe_comm.Get_size() != n_stages or pipe_comm.Get_rank() != stage:
             raise ValueError(f"pipe communicator has rank {pipe_comm.Get_rank()} of {pipe_comm.Get_size()}, "
                              f"expected stage {stage} of {n_stages}")
         self.comm, self.stage, self.n_stages = pipe_comm, stage, n_stages
         self.poll, self.timeout = poll, timeout
         self.pool = BufferPool()
-        self._sends: list[tuple[MPI.Request, Any]] = []
+        self.stager = stager
+        self._sends: list[tuple[MPI.Request, Any]] = []   # (request, the buffer or Outgoing it reads)
+        self._held: deque[tuple[Outgoing, int, int, int]] = deque()  # (staged array, dest, tag, kind)
         self.counters = {f"{KINDS[k]}_{c}": 0 for k in KINDS
                          for c in ("bytes_sent", "bytes_received", "messages_sent", "messages_received")}
 
@@ -113,11 +101,12 @@ class PipeChannel:
 
     def _post(self, kind: int, mb: int, source: int, shape, dtype) -> RecvHandle:
         self._check_peer(kind, source)
-        buf = self.pool.take(shape, dtype)
+        buf = self.pool.take(shape, dtype) if self.stager is None else self.stager.incoming(shape, dtype)
         return RecvHandle(kind, mb, source, self.comm.Irecv(buf, source=source, tag=tag(kind, mb)), buf)
 
     def wait_recv(self, handle: RecvHandle) -> np.ndarray:
         """The received array (a pooled buffer: release it once its contents are copied or used)."""
+        self.post_held()
         status = MPI.Status()
         wait(handle.request, self.poll, timeout=self.timeout, status=status,
              peer=f"{KINDS[handle.kind]} of micro-batch {handle.mb} from stage {handle.source}",
@@ -134,6 +123,16 @@ class PipeChannel:
         """Return a buffer from wait_recv to the pool."""
         self.pool.give(buf)
 
+    def take(self, handle: RecvHandle, xp: Any = np):
+        """The received array as the caller's own: an `xp` copy of the pooled buffer, or with a
+        stager the device array it makes of its buffer."""
+        buf = self.wait_recv(handle)
+        if self.stager is not None:
+            return self.stager.to_device(buf)
+        x = xp.array(buf, copy=True)  # copy out before the pool reuses the buffer
+        self.release(buf)
+        return x
+
     # -- sending ---------------------------------------------------------------------------
     def send_act(self, mb: int, array) -> None:
         """Send micro-batch mb's activations to the next stage."""
@@ -145,16 +144,43 @@ class PipeChannel:
 
     def _send(self, kind: int, mb: int, dest: int, array) -> None:
         self._check_peer(kind, dest)
-        self._sends = [(r, b) for r, b in self._sends if not r.Test()]
-        buf = _host_view(array)
-        self._sends.append((self.comm.Isend(buf, dest=dest, tag=tag(kind, mb)), buf))
+        self._reap()
+        if isinstance(array, np.ndarray):
+            self._isend(np.ascontiguousarray(array), dest, tag(kind, mb), kind)
+            return
+        self._held.append(((self.stager or default_stager()).outgoing(array), dest, tag(kind, mb), kind))
+        self.post_held(everything=False)
+
+    def _isend(self, buf, dest: int, tag_: int, kind: int, keep: Any = None) -> None:
+        self._sends.append((self.comm.Isend(buf, dest=dest, tag=tag_), buf if keep is None else keep))
         self.counters[f"{KINDS[kind]}_bytes_sent"] += buf.nbytes
         self.counters[f"{KINDS[kind]}_messages_sent"] += 1
 
+    def post_held(self, everything: bool = True) -> None:
+        """Post the held device sends, in the order they were made: all of them, each once its copy is
+        done, or (not `everything`) those whose copies are already done."""
+        while self._held and (everything or self._held[0][0].ready()):
+            staged, dest, tag_, kind = self._held.popleft()
+            self._isend(staged.wait(), dest, tag_, kind, keep=staged)
+
+    def _reap(self) -> None:
+        """Forget completed sends; their staging buffers go back to the pool."""
+        pending = []
+        for request, kept in self._sends:
+            if not request.Test():
+                pending.append((request, kept))
+            elif isinstance(kept, Outgoing):
+                kept.release()
+        self._sends = pending
+
     def flush(self) -> None:
         """Wait until every send has completed (its buffer may then be reused)."""
+        self.post_held()
         waitall([r for r, _ in self._sends], self.poll, timeout=self.timeout,
                        peer=f"sends of stage {self.stage}")
+        for _, kept in self._sends:
+            if isinstance(kept, Outgoing):
+                kept.release()
         self._sends.clear()
 
     def _check_peer(self, kind: int, peer: int) -> None:

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import numpy as np
 from mpi4py import MPI
 
-from ..backend import array_module, to_host
+from .device import Stager, default_stager
 
 # poll="sleep": test the request, then sleep, doubling the pause from FIRST_PAUSE up to
 # MAX_PAUSE. A blocking MPI wait busy-spins a core; with more ranks than cores (32 ranks
@@ -85,15 +85,21 @@ def waitany(requests: list[MPI.Request], status: MPI.Status, poll: str = "sleep"
 
 
 def allreduce(comm: MPI.Comm, sendbuf, recvbuf=None, op: MPI.Op = MPI.SUM, poll: str = "sleep",
-              timeout: float | None = None):
+              timeout: float | None = None, stager: Stager | None = None):
     """Reduce over comm with Iallreduce and `wait`; in place when recvbuf is None. Returns the result.
 
-    A device array is reduced through a host copy (cupy.asnumpy waits for the kernels
-    that write it) and the result copied back.
+    A device array goes through `stager` (the process's by default): reduced in place by
+    CUDA-aware MPI, else on a pinned host copy whose result is uploaded back, ordered
+    before the work queued next on the current stream.
     """
     out = sendbuf if recvbuf is None else recvbuf
     if not isinstance(sendbuf, np.ndarray):
-        out[...] = array_module(out).asarray(allreduce(comm, to_host(sendbuf), None, op, poll, timeout))
+        stager = stager or default_stager()
+        if out is not sendbuf:
+            out[...] = sendbuf  # a device copy; then one in-place path for both forms
+        buf = stager.outgoing(out).wait()
+        wait(comm.Iallreduce(MPI.IN_PLACE, buf, op), poll, timeout=timeout, peer="allreduce")
+        stager.to_device(buf, out)
         return out
     request = comm.Iallreduce(MPI.IN_PLACE if recvbuf is None else sendbuf, out, op)
     wait(request, poll, timeout=timeout, peer="allreduce")

@@ -105,8 +105,8 @@ class StageRunner:
         for a in actions:
             with self.tracer.span(a.kind, "pipeline", mb=a.mb):
                 if a.kind in ("recv_act", "recv_grad"):
-                    buf = self.channel.wait_recv(posted.pop((a.kind, a.mb)))
-                    (inputs if a.kind == "recv_act" else douts)[a.mb] = self._to_device(buf)
+                    (inputs if a.kind == "recv_act" else douts)[a.mb] = self.channel.take(posted.pop((a.kind, a.mb)),
+                                                                                          self.xp)
                     post_ahead(a.kind)
                 elif a.kind == "forward":
                     x = feed.x(a.mb) if self.is_first else inputs.pop(a.mb)
@@ -126,12 +126,6 @@ class StageRunner:
                     raise ValueError(f"unknown action {a}")
         if self.channel is not None:
             self.channel.flush()
-
-    def _to_device(self, buf):
-        # Receive buffers are pooled host arrays: copy out before the pool reuses them.
-        x = self.xp.array(buf, dtype=self.dtype, copy=True)
-        self.channel.release(buf)
-        return x
 
     def _forward(self, mb: int, x, feed: Feed):
         y, caches = forward(self.layers, self.params, x, Mode(True, feed.key(mb)), self.first)
@@ -160,6 +154,8 @@ class StageRunner:
         return dx
 
     def _step(self, lr: float) -> None:
+        if self.channel is not None:  # no send held back while this rank waits on its replicas or servers
+            self.channel.post_held()
         if self.reducer is not None:
             with self.tracer.span("wait_allreduce", "comm"):
                 self.reducer.wait()
@@ -192,8 +188,7 @@ class StageRunner:
         loss_sum = correct = n = 0.0
         for i, (x, y) in enumerate(batches):
             if not self.is_first:
-                buf = self.channel.wait_recv(self.channel.post_recv_act(i, (sizes[i],) + self.in_shape, self.dtype))
-                x = self._to_device(buf)
+                x = self.channel.take(self.channel.post_recv_act(i, (sizes[i],) + self.in_shape, self.dtype), self.xp)
             out, _ = forward(self.layers, self.params, x, EVAL, self.first)
             if self.is_last:
                 loss, _ = softmax_cross_entropy_forward(out, y)

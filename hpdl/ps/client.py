@@ -6,9 +6,9 @@ from typing import Sequence
 import numpy as np
 from mpi4py import MPI
 
-from ..backend import to_host
+from ..comm.device import Stager, default_stager
 from ..comm.wait import waitall
-from .messages import CHECKPOINT, DONE, FETCH, PUSH, Message
+from .messages import CHECKPOINT, DONE, FETCH, PUSH, Message, nbytes
 from .server import FINAL_TAG, MESSAGE_TAG, REPLY_TAG
 from .shards import Shard
 
@@ -19,13 +19,28 @@ class PsClient:
     A push sends slice [lo, hi) of the payload to each shard's server, as one buffer
     each; the replies land in one vector, slice by slice. The worker only ever waits
     for its own replies, polling, so it never holds a server up.
+
+    With a `stager`, payloads and replies are device arrays. They always travel through
+    pinned host buffers, CUDA-aware MPI or not: a push is one buffer whose header is
+    written on the host, and the servers compute on the host. A payload's slices are
+    downloaded straight into the message bodies on the stager's copy stream (the push
+    waits for those copies only); the replies are uploaded into one device vector, and the
+    next receive into the host vector waits until that upload has read it.
     """
 
     def __init__(self, comm: MPI.Comm, shards: Sequence[Shard], ranks: Sequence[int], size: int, dtype,
-                 poll: str = "sleep"):
+                 poll: str = "sleep", stager: Stager | None = None):
         self.comm, self.shards, self.ranks, self.poll = comm, list(shards), list(ranks), poll
-        self.out = [Message(sh.size, dtype) for sh in self.shards]
-        self.reply = np.empty(size, dtype)
+        self.stager = stager
+        if stager is None:
+            self.out = [Message(sh.size, dtype) for sh in self.shards]
+            self.reply = np.empty(size, dtype)
+        else:  # pinned buffers, kept for the client's life
+            self.out = [Message(sh.size, dtype, stager.host((nbytes(sh.size, dtype),), np.uint8))
+                        for sh in self.shards]
+            self.reply = stager.host((size,), dtype)
+            self.device_reply = stager.xp.empty(size, dtype)
+        self._uploaded = None  # event: the last upload of `reply` has read it
         self.sends: list[MPI.Request] = []
         self.pushes = 0  # pushes sent to each shard's server
         self.bytes_sent = self.bytes_received = self.messages = 0
@@ -34,10 +49,16 @@ class PsClient:
         """Send the payload of local step `step` (learning rate lr); the reply if asked for."""
         self._reuse()
         replies = self._expect(REPLY_TAG) if reply else []
-        host = to_host(payload)
-        for sh, msg in zip(self.shards, self.out):
+        if isinstance(payload, np.ndarray):
+            for sh, msg in zip(self.shards, self.out):
+                msg.body[...] = payload[sh.lo:sh.hi]
+        else:
+            stager = self.stager or default_stager()
+            copies = [stager.download(payload[sh.lo:sh.hi], msg.body) for sh, msg in zip(self.shards, self.out)]
+            for copy in copies:  # MPI must not read a body before its copy is done
+                copy.synchronize()
+        for msg in self.out:
             msg.set(PUSH, step, lr, reply)
-            msg.body[...] = host[sh.lo:sh.hi]
         self._send(msg.raw for msg in self.out)
         self.pushes += 1
         return self._wait(replies) if reply else None
@@ -82,6 +103,9 @@ class PsClient:
 
     def _expect(self, tag: int) -> list[MPI.Request]:
         # Posted before the push goes out, so a reply lands straight in place.
+        if self._uploaded is not None:  # ...but not over a reply still being uploaded
+            self._uploaded.synchronize()
+            self._uploaded = None
         return [self.comm.Irecv(self.reply[sh.lo:sh.hi], source=r, tag=tag) for sh, r in zip(self.shards, self.ranks)]
 
     def _send(self, buffers) -> None:
@@ -95,4 +119,7 @@ class PsClient:
         self.sends = []
         self.bytes_received += self.reply.nbytes
         self.messages += len(requests)
-        return self.reply
+        if self.stager is None:
+            return self.reply
+        self._uploaded = self.stager.upload(self.reply, self.device_reply)
+        return self.device_reply

@@ -13,6 +13,11 @@ FIELDS = ("kind", "step", "lr_bits", "reply")  # reply: 1 when the worker waits 
 HEADER_BYTES = 8 * len(FIELDS)  # keeps the payload 8-byte aligned
 
 
+def nbytes(size: int, dtype) -> int:
+    """Bytes of a message buffer with a payload of `size` items of `dtype`."""
+    return HEADER_BYTES + size * np.dtype(dtype).itemsize
+
+
 class Message:
     """One message buffer: `head` (int64 fields) and `body` (the payload) are views of `raw`.
 
@@ -21,9 +26,10 @@ class Message:
     `raw[:HEADER_BYTES]`; the receiver's larger buffer takes them as they are.
     """
 
-    def __init__(self, size: int, dtype):
+    def __init__(self, size: int, dtype, raw: np.ndarray | None = None):
+        """`raw`: the uint8 buffer to use, of nbytes(size, dtype) (pinned memory for device payloads)."""
         dtype = np.dtype(dtype)
-        self.raw = np.zeros(HEADER_BYTES + size * dtype.itemsize, np.uint8)
+        self.raw = np.zeros(nbytes(size, dtype), np.uint8) if raw is None else raw
         self.head = self.raw[:HEADER_BYTES].view(np.int64)
         self.body = self.raw[HEADER_BYTES:].view(dtype)
 
