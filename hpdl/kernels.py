@@ -647,9 +647,9 @@ def _taps(xp, k: int, stride: int, n_out: int):
 def im2col_ref(x, k: int, stride: int, pad: int, batched: bool = True):
     """Patches of x as columns, as hpdl.layers.conv.im2col:
 
-        cols[c, i, j, n, a, b] = x[n, c, a stride + i - pad, b stride + j - pad]  (0 outside x)
+        cols[c, i, j, a, b, n] = x[n, c, a stride + i - pad, b stride + j - pad]  (0 outside x)
 
-    laid out (C k k, N Ho Wo) as conv.im2col, or sample-major (N, C k k, Ho Wo) when batched
+    laid out (C k k, Ho Wo N) as conv.im2col, or sample-major (N, C k k, Ho Wo) when batched
     (the layout from which a batched product W @ cols lands in NCHW without a transpose).
     """
     xp = array_module(x)
@@ -660,12 +660,12 @@ def im2col_ref(x, k: int, stride: int, pad: int, batched: bool = True):
     patches = xpad[:, :, rows[:, None, :, None], cols[None, :, None, :]]   # (N, C, k, k, Ho, Wo)
     if batched:
         return patches.reshape(n, c * k * k, ho * wo)
-    return patches.transpose(1, 2, 3, 0, 4, 5).reshape(c * k * k, n * ho * wo)
+    return patches.transpose(1, 2, 3, 4, 5, 0).reshape(c * k * k, ho * wo * n)
 
 
 def col2im_ref(cols, x_shape, k: int, stride: int, pad: int, batched: bool = False):
-    """The adjoint of im2col_ref, as hpdl.layers.conv.col2im (layout (C k k, N Ho Wo), or
-    (N, C k k, Ho Wo) when batched): x[n, c, h, w] is the sum of cols[c, i, j, n, a, b] over
+    """The adjoint of im2col_ref, as hpdl.layers.conv.col2im (layout (C k k, Ho Wo N), or
+    (N, C k k, Ho Wo) when batched): x[n, c, h, w] is the sum of cols[c, i, j, a, b, n] over
     a stride + i - pad = h, b stride + j - pad = w, added in the order i, then j, ascending.
     """
     xp = array_module(cols)
@@ -674,7 +674,7 @@ def col2im_ref(cols, x_shape, k: int, stride: int, pad: int, batched: bool = Fal
     if batched:
         taps = cols.reshape(n, c, k, k, ho, wo)
     else:
-        taps = cols.reshape(c, k, k, n, ho, wo).transpose(3, 0, 1, 2, 4, 5)
+        taps = cols.reshape(c, k, k, ho, wo, n).transpose(5, 0, 1, 2, 3, 4)
     dx = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
     for i in range(k):
         for j in range(k):
@@ -694,7 +694,7 @@ def im2col(x, k: int, stride: int, pad: int, batched: bool = True):
     cp = array_module(x)
     x = cp.ascontiguousarray(x)
     n, c = x.shape[:2]
-    shape = (n, c * k * k, ho * wo) if batched else (c * k * k, n * ho * wo)
+    shape = (n, c * k * k, ho * wo) if batched else (c * k * k, ho * wo * n)
     cols = cp.empty(shape, dtype=x.dtype)
     load("im2col").get_function("im2col")(
         _grid_flat(cols.size), (ELEMENTWISE_BLOCK,), (x, cols, *_conv_args(x.shape, k, stride, pad, ho, wo, batched)))
@@ -705,7 +705,7 @@ def col2im(cols, x_shape, k: int, stride: int, pad: int, batched: bool = False):
     """col2im_ref in one launch on the GPU: a gather, one thread per element of x (see im2col.cu)."""
     ho, wo = _check_conv(x_shape, k, stride, pad)
     n, c = x_shape[:2]
-    expected = (n, c * k * k, ho * wo) if batched else (c * k * k, n * ho * wo)
+    expected = (n, c * k * k, ho * wo) if batched else (c * k * k, ho * wo * n)
     if cols.shape != expected:
         raise ValueError(f"cols for x {tuple(x_shape)} must be {expected}, got {cols.shape}")
     if not _use_kernel(cols):

@@ -1,17 +1,18 @@
 // im2col and col2im for 2-D convolution (NCHW), float32, as hpdl/layers/conv.py.
 //
 // x: (N, C, H, W);  cols in one of two layouts, rows (c, i, j) like a flattened (C, k, k)
-// filter and columns (n, a, b) over the Ho x Wo output positions:
-//   batched = 0: (C k k, N Ho Wo)    as conv.im2col / conv.col2im (one product for the batch)
+// filter and columns over the samples n and the Ho x Wo output positions (a, b):
+//   batched = 0: (C k k, Ho Wo N)    as conv.im2col / conv.col2im (one product for the batch,
+//                                    landing batch-innermost)
 //   batched = 1: (N, C k k, Ho Wo)   sample-major: a batched product W @ cols lands in NCHW
-// cols[c, i, j, n, a, b] = x[n, c, a s + i - pad, b s + j - pad], 0 outside the image.
+// cols[c, i, j, a, b, n] = x[n, c, a s + i - pad, b s + j - pad], 0 outside the image.
 // Padding is read as zeros in place: no padded copy of x is made.
 // No #include: the source must compile under NVRTC (cupy.RawModule) as well as nvcc.
 // Launch: a 1-D grid of any size; the grid-stride loops cover the rest.
 
-// The flat offset of cols[c, i, j, n, a, b] in either layout.
+// The flat offset of row r = (c, i, j), sample n, position p = (a, b) in either layout.
 __device__ size_t col_index(int batched, int n, int r, int p, int N, int R, int P) {
-    return batched ? ((size_t)n * R + r) * P + p : ((size_t)r * N + n) * P + p;
+    return batched ? ((size_t)n * R + r) * P + p : ((size_t)r * P + p) * N + n;
 }
 
 // One thread per element of cols, walked in cols' memory order so the writes coalesce.
@@ -21,11 +22,9 @@ extern "C" __global__ void im2col(const float* x, float* cols, int N, int C, int
     const size_t total = (size_t)N * R * P;
     for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (size_t)blockDim.x * gridDim.x) {
-        const int p = (int)(t % P);
-        const size_t q = t / P;
-        int n, r;
-        if (batched) { r = (int)(q % R); n = (int)(q / R); }
-        else { n = (int)(q % N); r = (int)(q / N); }
+        int n, r, p;
+        if (batched) { p = (int)(t % P); r = (int)((t / P) % R); n = (int)(t / ((size_t)P * R)); }
+        else { n = (int)(t % N); p = (int)((t / N) % P); r = (int)(t / ((size_t)N * P)); }
         const int c = r / (k * k), i = (r / k) % k, j = r % k;
         const int h = (p / Wo) * stride + i - pad, w = (p % Wo) * stride + j - pad;
         cols[t] = (0 <= h && h < H && 0 <= w && w < W)
@@ -33,7 +32,7 @@ extern "C" __global__ void im2col(const float* x, float* cols, int N, int C, int
     }
 }
 
-// The adjoint: x[n, c, h, w] = sum of cols[c, i, j, n, a, b] over the (i, j, a, b) with
+// The adjoint: x[n, c, h, w] = sum of cols[c, i, j, a, b, n] over the (i, j, a, b) with
 // a s + i - pad = h and b s + j - pad = w.
 // A gather, one thread per element of x summing its own k x k candidates, rather than a
 // scatter with atomicAdd from each element of cols: every output is written once, with no

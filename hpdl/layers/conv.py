@@ -1,4 +1,11 @@
-"""2-D convolution (NCHW) as one matrix product over im2col patches."""
+"""2-D convolution on NCHW-indexed arrays stored batch-innermost: im2col + one product, or Winograd F(2x2, 3x3).
+
+Layout. Arrays are indexed (N, C, H, W) as everywhere in hpdl, but the convolution and pooling
+layers store their outputs batch-innermost, (C, H, W, N) in memory, and hand on transposed
+views. Every im2col copy, col2im add, pooling window and Winograd transform then walks runs of
+N (or W x N) contiguous floats instead of W, and the product W @ cols lands in that layout with
+no transpose. Inputs in any layout are accepted; element-wise layers keep the layout they get.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -6,52 +13,136 @@ import numpy as np
 from ..backend import array_module
 from .base import TRAIN, Layer, Mode
 
+# A 3 x 3, stride-1 convolution takes the Winograd path when C_in C_out / (C_in + C_out) reaches
+# this: the multiplications it saves grow as C_in x C_out, its transforms' memory passes as
+# C_in + C_out. Measured on one core, batch 64, 14 x 14 (forward + backward, ms, Winograd vs
+# im2col): 32 -> 64 channels 12.3 vs 15.0, 16 -> 32 4.1 vs 4.1, 8 -> 16 1.5 vs 1.2, 1 -> 32 13 vs 2.
+WINOGRAD_MIN_WIDTH = 11
+
+# Winograd F(2x2, 3x3) (Lavin & Gray 2016): y = A^T [(G w G^T) * (B^T d B)] A per 4 x 4 input tile d
+# (stride 2) and 2 x 2 output tile. B^T and A^T are applied below as the sums their rows spell.
+G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
 
 def out_size(size: int, k: int, stride: int, pad: int) -> int:
     """Output length along one spatial axis."""
     return (size + 2 * pad - k) // stride + 1
 
 
-def im2col(x, k: int, stride: int, pad: int):
-    """Patches of x as columns: (N, C, H, W) -> (C*k*k, N*Ho*Wo).
+def batch_inner(x):
+    """(N, C, H, W) -> the (C, H, W, N) view: contiguous when x is stored batch-innermost."""
+    return x.transpose(1, 2, 3, 0)
 
-    Rows are ordered (c, i, j) like a flattened (C, k, k) filter, columns (n, ho, wo).
-    Putting the kernel offsets first makes the one copy below run along contiguous image
-    rows, and lets col2im add whole (C, N, Ho, Wo) slabs at a time.
-    """
+
+def nchw(a):
+    """(C, H, W, N) -> the (N, C, H, W) view the layers hand on."""
+    return a.transpose(3, 0, 1, 2)
+
+
+def padded(x, pad: int, h_total: int | None = None, w_total: int | None = None):
+    """x (N, C, H, W) as a zero-bordered (C, h_total, w_total, N) array, x at offset (pad, pad)."""
     xp = array_module(x)
     n, c, h, w = x.shape
+    out = xp.zeros((c, h_total or h + 2 * pad, w_total or w + 2 * pad, n), dtype=x.dtype)
+    out[:, pad:pad + h, pad:pad + w] = batch_inner(x)
+    return out
+
+
+def im2col(x, k: int, stride: int, pad: int):
+    """Patches of x as columns: (N, C, H, W) -> (C*k*k, Ho*Wo*N).
+
+    Rows are ordered (c, i, j) like a flattened (C, k, k) filter, columns (ho, wo, n): the
+    product W @ cols is then (C_out, Ho, Wo, N), batch-innermost, and the copy below walks
+    runs of Wo x N contiguous floats (stride 1).
+    """
+    n, c, h, w = x.shape
     ho, wo = out_size(h, k, stride, pad), out_size(w, k, stride, pad)
-    if pad:
-        x = xp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    sn, sc, sh, sw = x.strides
-    # A zero-copy view (C, k, k, N, Ho, Wo): element [c, i, j, n, a, b] = x[n, c, a*s + i, b*s + j]
+    src = padded(x, pad) if pad else batch_inner(x)
+    xp = array_module(x)
+    sc, sh, sw, sn = src.strides
+    # A zero-copy view (C, k, k, Ho, Wo, N): element [c, i, j, a, b, n] = x[n, c, a*s + i, b*s + j]
     patches = xp.lib.stride_tricks.as_strided(
-        x, (c, k, k, n, ho, wo), (sc, sh, sw, sn, sh * stride, sw * stride))
-    return patches.reshape(c * k * k, n * ho * wo)
+        src, (c, k, k, ho, wo, n), (sc, sh, sw, sh * stride, sw * stride, sn))
+    return patches.reshape(c * k * k, ho * wo * n)
 
 
 def col2im(cols, x_shape: tuple[int, int, int, int], k: int, stride: int, pad: int):
-    """The adjoint of im2col: (C*k*k, N*Ho*Wo) -> (N, C, H, W), summing overlapping patches."""
+    """The adjoint of im2col: (C*k*k, Ho*Wo*N) -> (N, C, H, W) stored batch-innermost, summing overlaps."""
     xp = array_module(cols)
     n, c, h, w = x_shape
     ho, wo = out_size(h, k, stride, pad), out_size(w, k, stride, pad)
-    cols = cols.reshape(c, k, k, n, ho, wo)
-    # Accumulate channel-major so each offset adds one contiguous slab of cols.
-    dx = xp.zeros((c, n, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
+    cols = cols.reshape(c, k, k, ho, wo, n)
+    dx = xp.zeros((c, h + 2 * pad, w + 2 * pad, n), dtype=cols.dtype)
     for i in range(k):
         for j in range(k):
-            dx[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride] += cols[:, i, j]
-    dx = dx[:, :, pad:pad + h, pad:pad + w]
-    return xp.ascontiguousarray(dx.transpose(1, 0, 2, 3))
+            dx[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride] += cols[:, i, j]
+    return nchw(dx[:, pad:pad + h, pad:pad + w])
+
+
+def _taps(a, axis: int, tiles: int) -> list:
+    """The 4 views of a along `axis` that 4-tap tiles at stride 2 read: tap r of tile t is a[2t + r]."""
+    return [a[(slice(None),) * axis + (slice(r, r + 2 * tiles, 2),)] for r in range(4)]
+
+
+def _bt(xp, d: list, out) -> None:
+    """out[0..3] = B^T d along one axis: d0 - d2, d1 + d2, d2 - d1, d1 - d3."""
+    xp.subtract(d[0], d[2], out=out[0])
+    xp.add(d[1], d[2], out=out[1])
+    xp.subtract(d[2], d[1], out=out[2])
+    xp.subtract(d[1], d[3], out=out[3])
+
+
+def _at(xp, m, out) -> None:
+    """out[0..1] = A^T m along the first axis: m0 + m1 + m2, m1 - m2 - m3."""
+    xp.add(m[0], m[1], out=out[0])
+    out[0] += m[2]
+    xp.subtract(m[1], m[2], out=out[1])
+    out[1] -= m[3]
+
+
+def _a(xp, e0, e1, out) -> None:
+    """out[0..3] = A e, the adjoint of _at: e0, e0 + e1, e0 - e1, -e1."""
+    out[0] = e0
+    xp.add(e0, e1, out=out[1])
+    xp.subtract(e0, e1, out=out[2])
+    xp.negative(e1, out=out[3])
+
+
+def _b_add(xp, v: list, out, axis: int, tiles: int) -> None:
+    """out = the overlap-add of B v along `axis` (length 2 tiles + 2): the adjoint of _taps then _bt.
+
+    Tile t's rows 2t..2t+3 receive v0, v1 - v2 + v3, v2 + v1 - v0, -v3; even rows sum tile t's
+    first and tile t-1's third, odd rows tile t's second and tile t-1's fourth.
+    """
+    def rows(start: int, stop: int, parity: int):
+        return out[(slice(None),) * axis + (slice(2 * start + parity, 2 * stop + parity, 2),)]
+    rows(0, tiles, 0)[...] = v[0]
+    rows(tiles, tiles + 1, 0)[...] = 0
+    even = rows(1, tiles + 1, 0)
+    even += v[1]
+    even += v[2]
+    even -= v[0]
+    odd = rows(0, tiles, 1)
+    xp.subtract(v[1], v[2], out=odd)
+    odd += v[3]
+    rows(tiles, tiles + 1, 1)[...] = 0
+    rows(1, tiles + 1, 1)[...] -= v[3]
 
 
 class Conv2d(Layer):
     trainable = ("W", "b")
     no_decay = ("b",)
 
-    def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1, pad: int = 0):
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1, pad: int = 0, winograd: bool | None = None):
+        """`winograd`: force the Winograd F(2x2, 3x3) path on or off; None chooses by the channel counts."""
         self.c_in, self.c_out, self.k, self.stride, self.pad = c_in, c_out, k, stride, pad
+        applies = k == 3 and stride == 1
+        if winograd and not applies:
+            raise ValueError(f"Winograd F(2x2, 3x3) needs a 3 x 3 kernel at stride 1, got {k} x {k} "
+                             f"at stride {stride}")
+        if winograd is None:
+            winograd = applies and c_in * c_out >= WINOGRAD_MIN_WIDTH * (c_in + c_out)
+        self.winograd = winograd
 
     def init(self, rng, xp, dtype):
         # He initialization over the fan-in c_in * k * k, as for Linear.
@@ -60,30 +151,108 @@ class Conv2d(Layer):
         return {"W": xp.asarray(W, dtype=dtype), "b": xp.zeros(self.c_out, dtype=dtype)}
 
     def forward(self, params, x, mode: Mode = TRAIN):
-        # x: (N, C_in, H, W)  W: (C_out, C_in, k, k)  b: (C_out,)  ->  y: (N, C_out, Ho, Wo)
-        xp = array_module(x)
+        # x: (N, C_in, H, W)  W: (C_out, C_in, k, k)  b: (C_out,)  ->  y: (N, C_out, Ho, Wo), batch-innermost
+        if self.winograd:
+            return self._winograd_forward(params, x)
         n, _, h, w = x.shape
         ho, wo = out_size(h, self.k, self.stride, self.pad), out_size(w, self.k, self.stride, self.pad)
-        cols = im2col(x, self.k, self.stride, self.pad)               # (C_in*k*k, N*Ho*Wo)
-        y = params["W"].reshape(self.c_out, -1) @ cols                 # (C_out, N*Ho*Wo)
+        cols = im2col(x, self.k, self.stride, self.pad)               # (C_in*k*k, Ho*Wo*N)
+        y = params["W"].reshape(self.c_out, -1) @ cols                 # (C_out, Ho*Wo*N)
         y += params["b"][:, None]
-        y = xp.ascontiguousarray(y.reshape(self.c_out, n, ho, wo).transpose(1, 0, 2, 3))
-        return y, (cols, x.shape)
+        return nchw(y.reshape(self.c_out, ho, wo, n)), (cols, x.shape)
 
     def backward(self, params, cache, dy):
         # dy: (N, C_out, Ho, Wo) -> dx: (N, C_in, H, W), dW: (C_out, C_in, k, k), db: (C_out,)
+        if self.winograd:
+            return self._winograd_backward(params, cache, dy, need_dx=True)
         cols, x_shape = cache
-        dy2 = dy.transpose(1, 0, 2, 3).reshape(self.c_out, -1)          # (C_out, N*Ho*Wo)
+        dy2 = self._rows(dy)                                            # (C_out, Ho*Wo*N)
         W2 = params["W"].reshape(self.c_out, -1)                        # (C_out, C_in*k*k)
         dx = col2im(W2.T @ dy2, x_shape, self.k, self.stride, self.pad)
         return dx, self._grads(params, cols, dy2)
 
     def param_grads(self, params, cache, dy):
-        return self._grads(params, cache[0], dy.transpose(1, 0, 2, 3).reshape(self.c_out, -1))
+        if self.winograd:
+            return self._winograd_backward(params, cache, dy, need_dx=False)[1]
+        return self._grads(params, cache[0], self._rows(dy))
+
+    def _rows(self, dy):
+        """dy as (C_out, Ho*Wo*N): a view when dy is batch-innermost, as this layer's output is."""
+        return array_module(dy).ascontiguousarray(batch_inner(dy)).reshape(self.c_out, -1)
 
     def _grads(self, params, cols, dy2):
-        # cols: (C_in*k*k, N*Ho*Wo)  dy2: (C_out, N*Ho*Wo)
+        # cols: (C_in*k*k, Ho*Wo*N)  dy2: (C_out, Ho*Wo*N)
         return {"W": (dy2 @ cols.T).reshape(params["W"].shape), "b": dy2.sum(axis=1)}
+
+    # -- Winograd F(2x2, 3x3): 2.25x fewer multiplications than im2col, in 16 products
+    #    (C_out x C_in) @ (C_in x tiles), one per position of the 4 x 4 transformed tile.
+
+    def _tiles(self, shape) -> tuple[int, int, int, int]:
+        """(Ho, Wo, tile rows, tile columns) for an input of `shape` (N, C, H, W)."""
+        h, w = shape[2:]
+        ho, wo = out_size(h, 3, 1, self.pad), out_size(w, 3, 1, self.pad)
+        return ho, wo, -(-ho // 2), -(-wo // 2)
+
+    def _winograd_forward(self, params, x):
+        xp = array_module(x)
+        n = x.shape[0]
+        ho, wo, th, tw = self._tiles(x.shape)
+        d = padded(x, self.pad, 2 * th + 2, 2 * tw + 2)               # (C_in, 2Th+2, 2Tw+2, N)
+        rows = xp.empty((4, self.c_in, th, 2 * tw + 2, n), dtype=x.dtype)
+        _bt(xp, _taps(d, 1, th), rows)                                  # B^T d along rows
+        V = xp.empty((4, 4, self.c_in, th, tw, n), dtype=x.dtype)
+        for a in range(4):
+            _bt(xp, _taps(rows[a], 2, tw), V[a])                        # ... and along columns
+        V = V.reshape(16, self.c_in, th * tw * n)
+        U = self._filter(params["W"])                                   # (16, C_out, C_in)
+        M = xp.matmul(U, V).reshape(4, 4, self.c_out, th, tw, n)
+        half = xp.empty((2, 4, self.c_out, th, tw, n), dtype=x.dtype)
+        _at(xp, M, half)                                                # A^T M along rows
+        y = xp.empty((self.c_out, 2 * th, 2 * tw, n), dtype=x.dtype)
+        bias = params["b"][:, None, None, None]
+        for i in range(2):
+            out = xp.empty((2, self.c_out, th, tw, n), dtype=x.dtype)
+            _at(xp, half[i], out)                                       # ... and along columns
+            for j in range(2):
+                xp.add(out[j], bias, out=y[:, i::2, j::2])
+        return nchw(y[:, :ho, :wo]), (V, U, x.shape)
+
+    def _filter(self, W):
+        """G W G^T for every (C_out, C_in) pair: (16, C_out, C_in)."""
+        xp = array_module(W)
+        g = xp.asarray(G, dtype=W.dtype)
+        return xp.einsum("ak,oikl,bl->aboi", g, W, g, optimize=True).reshape(16, self.c_out, self.c_in)
+
+    def _winograd_backward(self, params, cache, dy, need_dx: bool):
+        V, U, x_shape = cache
+        xp = array_module(dy)
+        n = x_shape[0]
+        ho, wo, th, tw = self._tiles(x_shape)
+        g = batch_inner(dy)                                             # (C_out, Ho, Wo, N)
+        if (ho, wo) != (2 * th, 2 * tw):   # outputs past the edge of an odd size have zero gradient
+            g = xp.zeros((self.c_out, 2 * th, 2 * tw, n), dtype=dy.dtype)
+            g[:, :ho, :wo] = batch_inner(dy)
+        # dM = A dY A^T for every tile: dY[i][j] is output (2a + i, 2b + j) of tile (a, b).
+        cols = xp.empty((4, 2, self.c_out, th, tw, n), dtype=dy.dtype)
+        for i in range(2):
+            _a(xp, g[:, i::2, 0::2], g[:, i::2, 1::2], cols[:, i])
+        dM = xp.empty((4, 4, self.c_out, th, tw, n), dtype=dy.dtype)
+        for b in range(4):
+            _a(xp, cols[b, 0], cols[b, 1], dM[:, b])
+        dM = dM.reshape(16, self.c_out, th * tw * n)
+        dU = xp.matmul(dM, V.transpose(0, 2, 1)).reshape(4, 4, self.c_out, self.c_in)
+        gm = xp.asarray(G, dtype=dy.dtype)
+        grads = {"W": xp.einsum("ak,aboi,bl->oikl", gm, dU, gm, optimize=True), "b": g.sum(axis=(1, 2, 3))}
+        if not need_dx:
+            return None, grads
+        dV = xp.matmul(U.transpose(0, 2, 1), dM).reshape(4, 4, self.c_in, th, tw, n)
+        rows = xp.empty((4, self.c_in, th, 2 * tw + 2, n), dtype=dy.dtype)
+        for a in range(4):
+            _b_add(xp, dV[a], rows[a], 2, tw)                           # columns' adjoint
+        dd = xp.empty((self.c_in, 2 * th + 2, 2 * tw + 2, n), dtype=dy.dtype)
+        _b_add(xp, rows, dd, 1, th)                                     # rows' adjoint
+        h, w = x_shape[2:]
+        return nchw(dd[:, self.pad:self.pad + h, self.pad:self.pad + w]), grads
 
     def out_shape(self, in_shape):
         _, h, w = in_shape

@@ -198,7 +198,7 @@ def test_im2col_oracle_equals_conv(case):
     hpdl_cols = im2col(x, k, s, pad)
     np.testing.assert_array_equal(kernels.im2col_ref(x, k, s, pad, batched=False), hpdl_cols)
     batched = kernels.im2col_ref(x, k, s, pad)
-    np.testing.assert_array_equal(batched, hpdl_cols.reshape(c * k * k, n, ho * wo).transpose(1, 0, 2))
+    np.testing.assert_array_equal(batched, hpdl_cols.reshape(c * k * k, ho * wo, n).transpose(2, 0, 1))
     for nn, cc, i, j, a, b in np.ndindex(n, c, k, k, ho, wo):
         hh, ww = a * s + i - pad, b * s + j - pad
         inside = 0 <= hh < h and 0 <= ww < w
@@ -212,11 +212,11 @@ def test_col2im_oracle_equals_conv_and_is_the_adjoint(case):
     n, c, h, w, k, s, pad = case
     rng = np.random.default_rng(7)
     ho, wo = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
-    cols = rng.standard_normal((c * k * k, n * ho * wo)).astype(np.float32)
+    cols = rng.standard_normal((c * k * k, ho * wo * n)).astype(np.float32)
     x_shape = (n, c, h, w)
     dx = kernels.col2im_ref(cols, x_shape, k, s, pad)
     np.testing.assert_array_equal(dx, col2im(cols, x_shape, k, s, pad))
-    as_batched = cols.reshape(c * k * k, n, ho * wo).transpose(1, 0, 2)
+    as_batched = cols.reshape(c * k * k, ho * wo, n).transpose(2, 0, 1)
     np.testing.assert_array_equal(kernels.col2im_ref(np.ascontiguousarray(as_batched), x_shape, k, s, pad,
                                                      batched=True), dx)
     x64, cols64 = rng.standard_normal(x_shape), rng.standard_normal(cols.shape)

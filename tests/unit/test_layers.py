@@ -24,6 +24,8 @@ CASES = {
     "conv": (Conv2d(3, 4, 3), (2, 3, 5, 5), TRAIN),
     "conv-stride2-pad1": (Conv2d(3, 4, 3, stride=2, pad=1), (2, 3, 6, 5), TRAIN),
     "conv-1x1-stride2": (Conv2d(3, 2, 1, stride=2), (2, 3, 5, 5), TRAIN),
+    "conv-winograd-pad1": (Conv2d(3, 4, 3, pad=1, winograd=True), (2, 3, 4, 5), TRAIN),
+    "conv-winograd-odd": (Conv2d(3, 2, 3, winograd=True), (3, 3, 6, 5), TRAIN),
     "maxpool": (MaxPool2d(2), (2, 3, 4, 6), TRAIN),
     "maxpool-ragged": (MaxPool2d(2), (2, 2, 5, 5), TRAIN),
     "maxpool-overlapping": (MaxPool2d(3, stride=2), (2, 2, 7, 5), TRAIN),
@@ -102,6 +104,60 @@ def test_conv_forward_matches_direct_loop(k, stride, pad):
     y, _ = layer.forward(params, x)
     expected = naive_conv(x, params["W"], params["b"], stride, pad)
     np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("h,w,pad", [(6, 6, 1), (5, 7, 1), (7, 4, 0), (3, 3, 0), (4, 5, 2)])
+def test_winograd_conv_equals_the_im2col_product(h, w, pad):
+    """The Winograd F(2x2, 3x3) path's output, input gradient, weight and bias gradients (with and
+    without dx) equal the im2col product's in float64 to rounding, odd output sizes and any padding
+    included."""
+    rng = np.random.default_rng(3)
+    layer, reference = Conv2d(4, 5, 3, pad=pad, winograd=True), Conv2d(4, 5, 3, pad=pad, winograd=False)
+    params = {"W": rng.standard_normal((5, 4, 3, 3)), "b": rng.standard_normal(5)}
+    x = rng.standard_normal((3, 4, h, w))
+    y, cache = layer.forward(params, x)
+    y_ref, cache_ref = reference.forward(params, x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y, naive_conv(x, params["W"], params["b"], 1, pad), rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    dx, grads = layer.backward(params, cache, dy)
+    dx_ref, grads_ref = reference.backward(params, cache_ref, dy)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-12, atol=1e-12)
+    for name in ("W", "b"):
+        np.testing.assert_allclose(grads[name], grads_ref[name], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(layer.param_grads(params, cache, dy)[name], grads_ref[name], rtol=1e-12,
+                                   atol=1e-12)
+
+
+@pytest.mark.parametrize("c_in, c_out, k, stride, winograd", [
+    (32, 64, 3, 1, True), (32, 32, 3, 1, True), (16, 32, 3, 1, False), (1, 32, 3, 1, False),
+    (64, 64, 3, 2, False), (64, 64, 1, 1, False)])
+def test_wide_3x3_stride1_convolutions_take_the_winograd_path(c_in, c_out, k, stride, winograd):
+    """The automatic choice: 3 x 3 at stride 1 with enough channels; forcing it elsewhere is an error."""
+    assert Conv2d(c_in, c_out, k, stride=stride).winograd == winograd
+    if k != 3 or stride != 1:
+        with pytest.raises(ValueError, match="3 x 3 kernel at stride 1"):
+            Conv2d(c_in, c_out, k, stride=stride, winograd=True)
+
+
+def test_conv_and_pool_outputs_are_stored_batch_innermost():
+    """Conv2d (both paths) and MaxPool2d hand on (N, C, H, W) views of (C, H, W, N) memory, and give
+    the same results for an input stored NCHW as for the same values stored batch-innermost."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 8, 6, 6))
+    x_inner = np.ascontiguousarray(x.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
+    for layer in (Conv2d(8, 3, 3, pad=1, winograd=True), Conv2d(8, 3, 3, pad=1), Conv2d(8, 3, 3, stride=2),
+                  MaxPool2d(2), MaxPool2d(3, stride=2)):
+        params = layer.init(rng, np, np.float64)
+        y, cache = layer.forward(params, x)
+        assert y.transpose(1, 2, 3, 0).flags.c_contiguous, layer
+        y_inner, cache_inner = layer.forward(params, x_inner)
+        np.testing.assert_array_equal(y, y_inner)
+        dy = rng.standard_normal(y.shape)
+        dx, _ = layer.backward(params, cache, dy)
+        dx_inner, _ = layer.backward(params, cache_inner, np.ascontiguousarray(dy.transpose(1, 2, 3, 0))
+                                     .transpose(3, 0, 1, 2))
+        np.testing.assert_array_equal(dx, dx_inner)
 
 
 @pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (2, 2, 0), (3, 2, 0), (1, 2, 0)])
