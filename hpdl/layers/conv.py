@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
+from ..precision import matmul
 from .base import TRAIN, Layer, Mode
 
 
@@ -65,7 +66,7 @@ class Conv2d(Layer):
         n, _, h, w = x.shape
         ho, wo = out_size(h, self.k, self.stride, self.pad), out_size(w, self.k, self.stride, self.pad)
         cols = im2col(x, self.k, self.stride, self.pad)               # (C_in*k*k, N*Ho*Wo)
-        y = params["W"].reshape(self.c_out, -1) @ cols                 # (C_out, N*Ho*Wo)
+        y = matmul(params["W"].reshape(self.c_out, -1), cols)          # (C_out, N*Ho*Wo)
         y += params["b"][:, None]
         y = xp.ascontiguousarray(y.reshape(self.c_out, n, ho, wo).transpose(1, 0, 2, 3))
         return y, (cols, x.shape)
@@ -75,7 +76,7 @@ class Conv2d(Layer):
         cols, x_shape = cache
         dy2 = dy.transpose(1, 0, 2, 3).reshape(self.c_out, -1)          # (C_out, N*Ho*Wo)
         W2 = params["W"].reshape(self.c_out, -1)                        # (C_out, C_in*k*k)
-        dx = col2im(W2.T @ dy2, x_shape, self.k, self.stride, self.pad)
+        dx = col2im(matmul(W2.T, dy2), x_shape, self.k, self.stride, self.pad)
         return dx, self._grads(params, cols, dy2)
 
     def param_grads(self, params, cache, dy):
@@ -83,7 +84,7 @@ class Conv2d(Layer):
 
     def _grads(self, params, cols, dy2):
         # cols: (C_in*k*k, N*Ho*Wo)  dy2: (C_out, N*Ho*Wo)
-        return {"W": (dy2 @ cols.T).reshape(params["W"].shape), "b": dy2.sum(axis=1)}
+        return {"W": matmul(dy2, cols.T).reshape(params["W"].shape), "b": dy2.sum(axis=1)}
 
     def out_shape(self, in_shape):
         _, h, w = in_shape
