@@ -37,6 +37,7 @@ from .checkpoint import (
 )
 from .comm.wait import wait, waitall
 from .optim.largebatch import LR_STATE
+from .optim.loss_scale import SCALER_STATE
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -84,7 +85,7 @@ class Resume:
     layout: str
     params: list[dict[str, np.ndarray]]
     opt_state: dict[str, np.ndarray]
-    lr_state: dict[str, np.ndarray]  # the learning-rate method's, keys under LR_STATE
+    lr_state: dict[str, np.ndarray]  # the learning-rate method's (LR_STATE) and loss scaler's (SCALER_STATE)
 
     def stage(self, start: int, stop: int) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         """Layers [start, stop): their params, and their optimizer state keyed by stage-local layer index."""
@@ -214,7 +215,7 @@ def find_resume(directory: str | os.PathLike, model_params: Sequence[dict[str, n
             if params[entry.first + j] is None:
                 params[entry.first + j] = layer
         for key, value in state.items():
-            if key.startswith(LR_STATE):  # the same on every stage
+            if key.startswith((LR_STATE, SCALER_STATE)):  # the same on every stage
                 lr_state.setdefault(key, value)
                 continue
             local, _, rest = key.partition("/")

@@ -13,6 +13,7 @@ import yaml
 from .algorithms import registry
 from .algorithms.registry import AlgorithmError
 from .models import DEFAULT_LR, build_model
+from .precision import PRECISIONS
 from .ps.pipelined import NAMES, PIPELINED, base_spec
 
 
@@ -65,6 +66,12 @@ class Config:
     # execution
     device: str = opt("cpu", "array backend", ("cpu", "gpu", "auto"))
     dtype: str = opt("float32", "floating-point type", ("float32", "float64"))
+    precision: str = opt("fp32", "matrix products of Linear and Conv2d: 'fp32' in float32; 'tf32' on a GPU with "
+                         "TF32 tensor cores (10-bit mantissa inputs, float32 accumulation; on the CPU the same as "
+                         "fp32); 'fp16' with float16 inputs and float32 accumulation, float32 master weights and "
+                         "activations, and dynamic loss scaling (from 2^15, halved with the update skipped on an "
+                         "overflow, doubled after 2000 clean updates; one process, or --algorithm sync with "
+                         "--stages 1)", PRECISIONS)
     threads: int = opt(0, "threads per rank (0: cores / ranks on the node)")
     thread_split: str = opt("auto", "how one process's --threads share a step: 'rows' splits each batch into "
                             "row blocks run at once, one BLAS thread each; 'blas' gives them all to BLAS; "
@@ -264,6 +271,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"gain_smoothing must be in [0, 1], got {cfg.gain_smoothing}")
     if not cfg.trust_coefficient > 0:
         raise ConfigError(f"trust_coefficient must be positive, got {cfg.trust_coefficient}")
+    if cfg.precision != "fp32" and cfg.dtype != "float32":
+        raise ConfigError(f"--precision {cfg.precision} sets how float32 products are computed; use it with "
+                          f"--dtype float32, not {cfg.dtype}")
     if cfg.resume and not cfg.checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir")
     if not isinstance(cfg.model_options, dict):
@@ -297,6 +307,9 @@ def validate_algorithm(cfg: Config) -> None:
                           f"({replayable}), not {cfg.algorithm}'s")
     if cfg.record and hyper.get("n_fetch", 1) != hyper.get("n_push", 1):
         raise ConfigError("--record: a delay log ties each fetch to a push; use --n-fetch equal to --n-push")
+    if cfg.precision == "fp16" and cfg.algorithm != "sync":
+        raise ConfigError(f"--precision fp16: dynamic loss scaling supports --algorithm sync (one process, or "
+                          f"--stages 1), not {cfg.algorithm}; use --precision fp32 or tf32")
     if cfg.debug_checksum and spec.kind != "allreduce":
         raise ConfigError(f"--debug-checksum compares replicas kept identical (allreduce algorithms); "
                           f"{cfg.algorithm}'s replicas differ by design")

@@ -30,7 +30,8 @@ from .ps.pipelined import PIPELINED
 from .ps_checkpoints import PsResume
 from .stage_checkpoints import StageCheckpoints, plan_resume
 from .trace import Tracer, from_bytes, to_bytes, write_trace
-from .trainer import EVAL_BATCH, lr_record, make_run_lr_method, make_run_optimizer, test_loader, total_steps
+from .trainer import (EVAL_BATCH, lr_record, make_run_lr_method, make_run_optimizer, make_run_scaler, scaler_record,
+                      test_loader, total_steps)
 
 RESULT_TAG = 0x4844  # "HD": the final figures, last stage -> rank 0
 # Fault injection for the tests of job-wide failure: "RANK:EPOCH" raises on that rank when
@@ -83,7 +84,16 @@ def plan_layout(cfg: Config, model: Model, world: int):
     if not 1 <= n_micro <= cfg.batch_size:
         raise ConfigError(f"--microbatches must be between 1 and --batch-size {cfg.batch_size}, got {n_micro}")
     check_large_batch(cfg, layout, n_micro)
+    check_precision(cfg, layout)
     return layout, n_micro
+
+
+def check_precision(cfg: Config, layout: Layout) -> None:
+    """Where fp16's dynamic loss scaling applies: every rank must agree on each update's overflow, which
+    the gradient allreduce settles among the replicas of one stage but nothing settles between stages."""
+    if cfg.precision == "fp16" and (layout.stages > 1 or not SCHEDULES[cfg.schedule].flush):
+        raise ConfigError(f"--precision fp16: dynamic loss scaling supports --stages 1 with --schedule gpipe or "
+                          f"1f1b, not {layout.stages} stages with {cfg.schedule}; use --precision fp32 or tf32")
 
 
 def check_large_batch(cfg: Config, layout: Layout, n_micro: int) -> None:
@@ -165,9 +175,10 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
     spe = n_train // (cfg.batch_size * R * I)
     total = total_steps(cfg, spe)
     method = make_run_lr_method(cfg, layers, R, total) if cfg.lr_method != "none" else None
+    scaler = make_run_scaler(cfg)
     runner = StageRunner(layers, params, start, s, P, cfg.schedule, stream, make_run_optimizer(cfg, layers),
                          channel, stage_shapes(model.shapes(), (start, stop)), xp, dtype,
-                         stage_comm=topo.stage_comm, tracer=tracer, poll=cfg.poll, lr_method=method)
+                         stage_comm=topo.stage_comm, tracer=tracer, poll=cfg.poll, lr_method=method, scaler=scaler)
     has_data = runner.is_first or runner.is_last
     train = Loader(cfg.data, "train", cfg.batch_size, replica=topo.replica, replicas=R, seed=cfg.seed,
                    xp=xp, dtype=dtype) if has_data else None
@@ -177,7 +188,7 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
     spec = SCHEDULES[cfg.schedule]
     reporter = runner.is_last and topo.replica == 0
     metrics = Metrics(cfg.metrics, enabled=reporter)
-    ckpt = StageCheckpoints(cfg, comm, topo, params, runner.optimizer, (start, stop), spe, method)
+    ckpt = StageCheckpoints(cfg, comm, topo, params, runner.optimizer, (start, stop), spe, method, scaler)
     resumed = ckpt.restore(plan.resume)
     bar = progress(total, resumed, cfg.progress and rank == 0)
     sizes = microbatch.sizes(cfg.batch_size, n_micro)
@@ -213,7 +224,8 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
                 if cfg.debug_checksum and (g + 1) % cfg.debug_checksum == 0:
                     check_replicas(topo.stage_comm, trainable(layers, params), g + 1, cfg.poll)
                 if reporter and (g + 1) % cfg.log_every == 0:
-                    metrics.write(kind="train", step=g + 1, epoch=epoch, loss=runner.loss_sum, lr=sched(g))
+                    metrics.write(kind="train", step=g + 1, epoch=epoch, loss=runner.loss_sum, lr=sched(g),
+                                  **scaler_record(scaler))
                 runner.loss_sum = 0.0
         else:
             src = Batches(train, epoch, 0, n_micro)
@@ -269,7 +281,8 @@ def train_distributed(cfg: Config, backend: Backend, plan: Plan, comm=MPI.COMM_W
             "layout": str(layout), "partition": counts, "schedule": cfg.schedule, "microbatches": n_micro,
             "stash": stash, "p2p_bytes": traffic,
             "bytes_per_step": {"allreduce": reduced / (step * layout.workers),   # per worker rank and step
-                               "pipeline": traffic / (step * layout.workers)}}
+                               "pipeline": traffic / (step * layout.workers)},
+            **scaler_record(scaler)}
 
 
 def evaluate_stage(runner: StageRunner, test: Loader | None, n_test: int) -> tuple[float, float, int]:

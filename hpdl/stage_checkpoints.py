@@ -22,6 +22,7 @@ from .pipeline.schedules import SCHEDULES
 from .ps_checkpoints import PsResume, check_ps_options, find_ps_resume
 from .optim import LRMethod
 from .optim.largebatch import pack_state, restore_state
+from .optim.loss_scale import LossScaler
 from .trainer import make_run_optimizer
 
 
@@ -48,10 +49,11 @@ class StageCheckpoints:
     """One rank's part of a sync run's checkpoints: restore at start, save every N steps and at epoch ends."""
 
     def __init__(self, cfg: Config, comm: MPI.Comm, topo: Topology, params: list, optimizer,
-                 bounds: tuple[int, int], steps_per_epoch: int, lr_method: LRMethod | None = None):
+                 bounds: tuple[int, int], steps_per_epoch: int, lr_method: LRMethod | None = None,
+                 scaler: LossScaler | None = None):
         self.cfg, self.comm, self.topo = cfg, comm, topo
         self.params, self.optimizer, self.bounds = params, optimizer, bounds
-        self.lr_method = lr_method
+        self.lr_method, self.scaler = lr_method, scaler
         self.spe = steps_per_epoch
         self.flush = SCHEDULES[cfg.schedule].flush
         self.saved = -1
@@ -66,7 +68,7 @@ class StageCheckpoints:
         params, opt_state = resume.stage(*self.bounds)
         load_into(self.params, params)
         try:
-            restore_state(self.optimizer, self.lr_method, opt_state | resume.lr_state, resume.step)
+            restore_state(self.optimizer, self.lr_method, opt_state | resume.lr_state, resume.step, self.scaler)
         except ValueError as e:
             raise CheckpointError(f"{resume.path}: {e}") from None
         if self.comm.Get_rank() == 0:
@@ -92,8 +94,8 @@ class StageCheckpoints:
         if self.topo.replica == 0:  # replicas hold bitwise equal weights and state
             first, stop = self.bounds
             shard = {"params": [{k: to_host(v) for k, v in p.items()} for p in self.params],
-                     "opt_state": pack_state(self.optimizer, self.lr_method), "role": "stage", "stage": self.topo.stage,
-                     "replica": 0, "first": first, "stop": stop}
+                     "opt_state": pack_state(self.optimizer, self.lr_method, self.scaler), "role": "stage",
+                     "stage": self.topo.stage, "replica": 0, "first": first, "stop": stop}
         meta = {"epoch": step // self.spe, "layout": str(self.topo.layout), "algorithm": self.cfg.algorithm,
                 "config": self.cfg.to_dict()}
         save_sharded(self.comm, self.cfg.checkpoint_dir, step, shard, meta, self.cfg.keep_checkpoints, self.cfg.poll)

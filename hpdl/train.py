@@ -16,6 +16,7 @@ from .data import DataError
 from .guard import PEER_DEATH_GRACE_S, publish_rank_table
 from .metrics import print_result
 from .nonfinite import NonFiniteError
+from .precision import parse_precision, use
 from .threads import default_threads
 from .trainer import train_local
 
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             return user_error(ConfigError(f"--algorithm {cfg.algorithm} combines replicas over MPI ranks: "
                                           "run it under mpirun -np N"))
         try:
-            with threadpool_limits(cfg.threads or default_threads()), quiet_fp():
+            with threadpool_limits(cfg.threads or default_threads()), quiet_fp(), \
+                    use(parse_precision(cfg.precision), backend.is_gpu):
                 result = train_local(cfg, backend)
         except USER_ERRORS as e:
             return user_error(e)
@@ -87,7 +89,8 @@ def run_mpi(cfg, backend) -> dict | None | int:
         return user_error(e) if rank == 0 else 2
     try:
         publish_rank_table(comm, plan.layout)  # lets hpdl.guard name a rank that dies
-        with threadpool_limits(cfg.threads or default_threads(local_ranks(comm))), quiet_fp():
+        with threadpool_limits(cfg.threads or default_threads(local_ranks(comm))), quiet_fp(), \
+                use(parse_precision(cfg.precision), backend.is_gpu):
             return train(cfg, backend, plan, comm)
     except USER_ERRORS as e:
         abort(comm, 2, f"hpdl.train: rank {rank}: error: {e}")

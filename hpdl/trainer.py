@@ -19,6 +19,8 @@ from .models import Model, backward, build_model, forward
 from .flat import Flat
 from .optim import LRMethod, make_lr_method, make_optimizer
 from .optim.largebatch import pack_state, restore_state
+from .optim.loss_scale import LossScaler
+from .precision import parse_precision
 from .threads import RowThreads, default_threads, row_blocks
 
 
@@ -47,6 +49,11 @@ def make_run_optimizer(cfg: Config, layers: Sequence[Layer]):
     return optimizer
 
 
+def make_run_scaler(cfg: Config) -> LossScaler | None:
+    """The dynamic loss scaler of an fp16 run; None for fp32 and tf32."""
+    return LossScaler() if parse_precision(cfg.precision).loss_scaling else None
+
+
 def make_run_lr_method(cfg: Config, layers: Sequence[Layer], replicas: int, total: int) -> LRMethod:
     """The per-layer learning rates of the run's updates, each of replicas x accumulate micro-batches."""
     return make_lr_method(cfg.lr_method, layers, cfg.lr, cfg.lr_schedule, total, replicas * cfg.accumulate,
@@ -66,6 +73,11 @@ def lr_record(layers: Sequence[Layer], method: LRMethod, optimizer, first: int =
         record["trust"] = [next((trust[f"{i}/{n}"] for n in layers[i].trainable if f"{i}/{n}" in trust), 1.0)
                            for i in names]
     return record
+
+
+def scaler_record(scaler: LossScaler | None) -> dict:
+    """An fp16 run's loss scale and overflow skips so far, for metrics lines and RESULT; {} otherwise."""
+    return {} if scaler is None else {"loss_scale": scaler.scale, "overflow_skips": scaler.overflows}
 
 
 def test_loader(cfg: Config, xp, dtype) -> Loader:
@@ -138,6 +150,7 @@ class Run:
     test: Loader
     steps_per_epoch: int
     total_steps: int
+    scaler: LossScaler | None = None
     step: int = 0
 
     @classmethod
@@ -153,14 +166,14 @@ class Run:
         total = total_steps(cfg, spe)
         return cls(cfg, backend, model, model.init(cfg.seed, xp, dtype), make_run_optimizer(cfg, model.layers),
                    make_run_lr_method(cfg, model.layers, replicas, total), train, test_loader(cfg, xp, dtype),
-                   spe, total)
+                   spe, total, make_run_scaler(cfg))
 
     # -- checkpoints: parameters, optimizer state and the step; the loader and dropout
     #    positions follow from the step, so a resumed run repeats the same batches.
     def save(self) -> None:
         path = Path(self.cfg.checkpoint_dir) / f"step-{self.step:08d}.h5"
         host = [{k: to_host(v) for k, v in p.items()} for p in self.params]
-        save_checkpoint(path, host, pack_state(self.optimizer, self.lr_method),
+        save_checkpoint(path, host, pack_state(self.optimizer, self.lr_method, self.scaler),
                         {"step": self.step, "epoch": self.step // self.steps_per_epoch,
                          "config": self.cfg.to_dict()})
         prune(self.cfg.checkpoint_dir, self.cfg.keep_checkpoints)
@@ -173,7 +186,7 @@ class Run:
         load_into(self.params, params)
         self.step = int(meta["step"])
         try:
-            restore_state(self.optimizer, self.lr_method, opt_state, self.step)
+            restore_state(self.optimizer, self.lr_method, opt_state, self.step, self.scaler)
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
         return True
@@ -201,7 +214,7 @@ def _train(run: Run, threads: RowThreads) -> dict:
     start_step, train_time = run.step, 0.0
     loss = float("nan")
     test_loss = test_acc = None
-    I, norms = cfg.accumulate, run.lr_method.needs_micro_norms
+    I, norms, scaler = cfg.accumulate, run.lr_method.needs_micro_norms, run.scaler
     # Several micro-batches per update are summed in a Flat; a lone one is used as it comes.
     acc = Flat(layers, params, backend.xp, backend.dtype, stats=len(layers) if norms else 0) \
         if I > 1 or norms else None
@@ -224,15 +237,21 @@ def _train(run: Run, threads: RowThreads) -> dict:
         batches = run.train.epoch(epoch, start * I)
         for _ in range(start, run.steps_per_epoch):
             loss = 0.0
+            scale = scaler.scale if scaler is not None else 1.0
             for j in range(I):  # the micro-batches of one update, gradients summed in `acc`
                 x, y = next(batches)
-                part, grads = loss_and_grads(layers, params, x, y, (cfg.seed, run.step, j), 1.0 / I, on_layer,
+                part, grads = loss_and_grads(layers, params, x, y, (cfg.seed, run.step, j), scale / I, on_layer,
                                              threads)
                 loss += part / I
             if acc is not None:
                 grads = acc.views
+            if scaler is not None:
+                scaler.unscale(grads, acc.stats if norms else None)
             lr = run.lr_method.rates(grads, acc.stats if norms else None)
-            run.optimizer.step(params, grads, lr)
+            if scaler is not None:
+                scaler.step(run.optimizer, params, grads, lr)
+            else:
+                run.optimizer.step(params, grads, lr)
             if acc is not None:
                 acc.vector[...] = 0
             run.step += 1
@@ -242,7 +261,8 @@ def _train(run: Run, threads: RowThreads) -> dict:
             if run.step % cfg.log_every == 0:
                 loss = float(loss)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                metrics.write(kind="train", step=run.step, epoch=epoch, loss=loss, lr=max(lr))
+                metrics.write(kind="train", step=run.step, epoch=epoch, loss=loss, lr=max(lr),
+                              **scaler_record(scaler))
             if cfg.checkpoint_dir and cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
                 run.save()
             if run.step >= run.total_steps:
@@ -260,4 +280,5 @@ def _train(run: Run, threads: RowThreads) -> dict:
     metrics.close()
     return {"test_acc": test_acc, "test_loss": test_loss, "train_loss": float(loss),
             "epochs": run.step / run.steps_per_epoch, "steps": run.step,
-            "samples_per_s": samples / train_time if train_time else 0.0, "train_s": train_time}
+            "samples_per_s": samples / train_time if train_time else 0.0, "train_s": train_time,
+            **scaler_record(scaler)}

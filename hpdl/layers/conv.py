@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
+from ..precision import matmul
 from .base import TRAIN, Layer, Mode
 
 # A 3 x 3, stride-1 convolution takes the Winograd path when C_in C_out / (C_in + C_out) reaches
@@ -157,7 +158,7 @@ class Conv2d(Layer):
         n, _, h, w = x.shape
         ho, wo = out_size(h, self.k, self.stride, self.pad), out_size(w, self.k, self.stride, self.pad)
         cols = im2col(x, self.k, self.stride, self.pad)               # (C_in*k*k, Ho*Wo*N)
-        y = params["W"].reshape(self.c_out, -1) @ cols                 # (C_out, Ho*Wo*N)
+        y = matmul(params["W"].reshape(self.c_out, -1), cols)          # (C_out, Ho*Wo*N)
         y += params["b"][:, None]
         return nchw(y.reshape(self.c_out, ho, wo, n)), (cols, x.shape)
 
@@ -168,7 +169,7 @@ class Conv2d(Layer):
         cols, x_shape = cache
         dy2 = self._rows(dy)                                            # (C_out, Ho*Wo*N)
         W2 = params["W"].reshape(self.c_out, -1)                        # (C_out, C_in*k*k)
-        dx = col2im(W2.T @ dy2, x_shape, self.k, self.stride, self.pad)
+        dx = col2im(matmul(W2.T, dy2), x_shape, self.k, self.stride, self.pad)
         return dx, self._grads(params, cols, dy2)
 
     def param_grads(self, params, cache, dy):
@@ -182,7 +183,7 @@ class Conv2d(Layer):
 
     def _grads(self, params, cols, dy2):
         # cols: (C_in*k*k, Ho*Wo*N)  dy2: (C_out, Ho*Wo*N)
-        return {"W": (dy2 @ cols.T).reshape(params["W"].shape), "b": dy2.sum(axis=1)}
+        return {"W": matmul(dy2, cols.T).reshape(params["W"].shape), "b": dy2.sum(axis=1)}
 
     # -- Winograd F(2x2, 3x3): 2.25x fewer multiplications than im2col, in 16 products
     #    (C_out x C_in) @ (C_in x tiles), one per position of the 4 x 4 transformed tile.
@@ -205,7 +206,7 @@ class Conv2d(Layer):
             _bt(xp, _taps(rows[a], 2, tw), V[a])                        # ... and along columns
         V = V.reshape(16, self.c_in, th * tw * n)
         U = self._filter(params["W"])                                   # (16, C_out, C_in)
-        M = xp.matmul(U, V).reshape(4, 4, self.c_out, th, tw, n)
+        M = matmul(U, V).reshape(4, 4, self.c_out, th, tw, n)
         half = xp.empty((2, 4, self.c_out, th, tw, n), dtype=x.dtype)
         _at(xp, M, half)                                                # A^T M along rows
         y = xp.empty((self.c_out, 2 * th, 2 * tw, n), dtype=x.dtype)
@@ -240,12 +241,12 @@ class Conv2d(Layer):
         for b in range(4):
             _a(xp, cols[b, 0], cols[b, 1], dM[:, b])
         dM = dM.reshape(16, self.c_out, th * tw * n)
-        dU = xp.matmul(dM, V.transpose(0, 2, 1)).reshape(4, 4, self.c_out, self.c_in)
+        dU = matmul(dM, V.transpose(0, 2, 1)).reshape(4, 4, self.c_out, self.c_in)
         gm = xp.asarray(G, dtype=dy.dtype)
         grads = {"W": xp.einsum("ak,aboi,bl->oikl", gm, dU, gm, optimize=True), "b": g.sum(axis=(1, 2, 3))}
         if not need_dx:
             return None, grads
-        dV = xp.matmul(U.transpose(0, 2, 1), dM).reshape(4, 4, self.c_in, th, tw, n)
+        dV = matmul(U.transpose(0, 2, 1), dM).reshape(4, 4, self.c_in, th, tw, n)
         rows = xp.empty((4, self.c_in, th, 2 * tw + 2, n), dtype=dy.dtype)
         for a in range(4):
             _b_add(xp, dV[a], rows[a], 2, tw)                           # columns' adjoint

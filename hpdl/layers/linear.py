@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..precision import matmul
 from .base import TRAIN, Layer, Mode
 
 
@@ -20,17 +21,17 @@ class Linear(Layer):
 
     def forward(self, params, x, mode: Mode = TRAIN):
         # x: (B, n_in)  W: (n_in, n_out)  b: (n_out,)  ->  y: (B, n_out)
-        y = x @ params["W"]
+        y = matmul(x, params["W"])
         y += params["b"]
         return y, x
 
     def backward(self, params, cache, dy):
         # dy: (B, n_out) -> dx: (B, n_in), dW: (n_in, n_out), db: (n_out,)
-        return dy @ params["W"].T, self.param_grads(params, cache, dy)
+        return matmul(dy, params["W"].T), self.param_grads(params, cache, dy)
 
     def param_grads(self, params, cache, dy):
         x = cache
-        return {"W": x.T @ dy, "b": dy.sum(axis=0)}
+        return {"W": matmul(x.T, dy), "b": dy.sum(axis=0)}
 
     def out_shape(self, in_shape):
         return (self.n_out,)

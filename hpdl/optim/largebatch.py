@@ -22,6 +22,7 @@ import numpy as np
 
 from ..backend import sum_of_squares
 from ..layers.base import Layer
+from .loss_scale import SCALER_STATE, LossScaler
 from .schedules import Schedule, make_schedule
 
 EPS = 1e-6
@@ -89,18 +90,27 @@ class LRMethod:
         self.t = int(state["t"])
 
 
-def pack_state(optimizer, method: LRMethod | None) -> dict[str, np.ndarray]:
-    """The optimizer's state with the learning-rate method's beside it (under LR_STATE), for checkpoints."""
+def pack_state(optimizer, method: LRMethod | None, scaler: LossScaler | None = None) -> dict[str, np.ndarray]:
+    """The optimizer's state with the learning-rate method's (under LR_STATE) and the fp16 loss
+    scaler's (under SCALER_STATE) beside it, for checkpoints."""
     state = optimizer.state_dict()
     if method is not None:
         state |= {LR_STATE + k: v for k, v in method.state_dict().items()}
+    if scaler is not None:
+        state |= {SCALER_STATE + k: v for k, v in scaler.state_dict().items()}
     return state
 
 
-def restore_state(optimizer, method: LRMethod | None, state: dict[str, np.ndarray], step: int) -> None:
+def restore_state(optimizer, method: LRMethod | None, state: dict[str, np.ndarray], step: int,
+                  scaler: LossScaler | None = None) -> None:
     """Undo pack_state. A checkpoint without method state (a run without --lr-method) starts the
-    method afresh at `step`; state that does not fit raises ValueError."""
-    optimizer.load_state_dict({k: v for k, v in state.items() if not k.startswith(LR_STATE)})
+    method afresh at `step`, one without scaler state (a run in fp32 or tf32) the scaler at its
+    initial scale; a scaler's state is ignored by a run without one. State that does not fit raises
+    ValueError."""
+    optimizer.load_state_dict({k: v for k, v in state.items() if not k.startswith((LR_STATE, SCALER_STATE))})
+    scaled = {k[len(SCALER_STATE):]: v for k, v in state.items() if k.startswith(SCALER_STATE)}
+    if scaler is not None and scaled:
+        scaler.load_state_dict(scaled)
     if method is None:
         return
     mine = {k[len(LR_STATE):]: v for k, v in state.items() if k.startswith(LR_STATE)}

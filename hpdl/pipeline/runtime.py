@@ -15,6 +15,7 @@ from ..layers.base import Params
 from ..models import backward, forward
 from ..nonfinite import NonFiniteError, describe, nonfinite_layers
 from ..optim import LRMethod
+from ..optim.loss_scale import LossScaler
 from ..flat import Flat
 from ..trace import Tracer
 from .schedules import SCHEDULES, Action, max_in_flight, stash_depth
@@ -52,13 +53,17 @@ class StageRunner:
     the hook through which an algorithm takes the stage's gradient instead (a local step
     and a push to a parameter server, an elastic exchange...). The gradient vector is
     zeroed after the hook returns, so the hook must copy what it keeps.
+
+    With a `scaler` (fp16), the last stage's loss gradient is multiplied by its scale and each
+    step first divides the reduced gradient by it; the scaler then skips an update that
+    overflowed. Only one stage may hold a scaler: nothing agrees the overflows between stages.
     """
 
     def __init__(self, layers: Sequence[Layer], params: list[Params], first: int, stage: int, n_stages: int,
                  schedule: str, n_micro: int, optimizer, channel: PipeChannel | None, shapes: tuple[tuple, tuple],
                  xp, dtype, stage_comm=None, tracer: Tracer | None = None, poll: str = "sleep",
                  update: Callable[[object, float], None] | None = None, lr_method: LRMethod | None = None,
-                 on_nonfinite: str = "stop"):
+                 on_nonfinite: str = "stop", scaler: LossScaler | None = None):
         self.layers, self.params, self.first = layers, params, first
         self.stage, self.n_stages = stage, n_stages
         self.is_first, self.is_last = stage == 0, stage == n_stages - 1
@@ -73,6 +78,7 @@ class StageRunner:
         self.stash = Stash(params, max_in_flight(schedule, stage, n_stages, n_micro),
                            stash_depth(schedule, stage, n_stages) if self.spec.stash_weights else 0)
         self.lr_method = lr_method
+        self.scaler = scaler
         norms = lr_method is not None and lr_method.needs_micro_norms
         self.grads = Flat(layers, params, xp, dtype, stats=len(layers) if norms else 0)
         replicated = stage_comm is not None and stage_comm.Get_size() > 1
@@ -131,7 +137,8 @@ class StageRunner:
         y, caches = forward(self.layers, self.params, x, Mode(True, feed.key(mb)), self.first)
         if self.is_last:
             loss, lcache = softmax_cross_entropy_forward(y, feed.y(mb))
-            self.dlogits[mb] = softmax_cross_entropy_backward(lcache, feed.weight(mb))
+            scale = self.scaler.scale if self.scaler is not None else 1.0
+            self.dlogits[mb] = softmax_cross_entropy_backward(lcache, feed.weight(mb) * scale)
             self.loss_sum += float(loss) * feed.weight(mb)
             y = None
         self.stash.push(mb, caches)
@@ -159,14 +166,18 @@ class StageRunner:
         if self.reducer is not None:
             with self.tracer.span("wait_allreduce", "comm"):
                 self.reducer.wait()
+        if self.scaler is not None:
+            self.scaler.unscale(self.grads.views, self.grads.stats)
         if self.update is not None:
             self._check_finite(lr)
             self.update(self.grads.vector, lr)
-        elif self.lr_method is not None:
-            # The stats are empty unless the method asked for micro-batch norms.
-            self.optimizer.step(self.params, self.grads.views, self.lr_method.rates(self.grads.views, self.grads.stats))
         else:
-            self.optimizer.step(self.params, self.grads.views, lr)
+            # The stats are empty unless the method asked for micro-batch norms.
+            rates = self.lr_method.rates(self.grads.views, self.grads.stats) if self.lr_method is not None else lr
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer, self.params, self.grads.views, rates)
+            else:
+                self.optimizer.step(self.params, self.grads.views, rates)
         self.grads.vector[...] = 0
         self.updates += 1
 
