@@ -206,6 +206,7 @@ def race_worker(args) -> dict:
     from hpdl.data import Loader
     from hpdl.models import build_model
     from hpdl.optim import make_optimizer, make_schedule
+    from hpdl.hostmem import keep_freed_memory
     from hpdl.trainer import EVAL_BATCH, evaluate, loss_and_grads
 
     torch.set_num_threads(args.threads)
@@ -216,6 +217,7 @@ def race_worker(args) -> dict:
     sched = make_schedule("cosine", LR, total)
 
     if args.impl == "hpdl":
+        keep_freed_memory()  # as hpdl.train does
         params = model.init(0)
         opt = make_optimizer("sgd", model.layers, momentum=0.9, weight_decay=WEIGHT_DECAY)
 

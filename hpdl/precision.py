@@ -76,8 +76,8 @@ def _cupy_compute_type(tf32: bool):
     return lambda: linalg.set_compute_type(np.float32, before)
 
 
-def matmul(a, b):
-    """a @ b under the current policy: the one matrix product of Linear and Conv2d.
+def matmul(a, b, out=None):
+    """a @ b under the current policy: the one matrix product of Linear and Conv2d; into `out` if given.
 
     fp32 and tf32: exactly `a @ b` (on a GPU with tf32, cuBLAS rounds the operands to TF32).
     fp16: both operands rounded to float16, the product accumulated and returned in float32.
@@ -88,15 +88,20 @@ def matmul(a, b):
     additions may differ.
     """
     dtype = _current.operands
-    if dtype is None:
-        return a @ b
     xp = array_module(a)
+    if dtype is None:
+        return xp.matmul(a, b, out=out)
     wide = np.result_type(a.dtype, b.dtype)
     # An operand past float16's range becomes inf: that is the overflow loss scaling detects.
     with np.errstate(over="ignore", invalid="ignore"):
         if xp is not np and a.ndim == b.ndim == 2:
-            return _gemm_fp16(xp, a, b)
-        return a.astype(dtype).astype(wide) @ b.astype(dtype).astype(wide)
+            product = _gemm_fp16(xp, a, b)
+        else:
+            product = a.astype(dtype).astype(wide) @ b.astype(dtype).astype(wide)
+    if out is None:
+        return product
+    out[...] = product
+    return out
 
 
 # cuBLAS enumerators (cublas_api.h, library_types.h): fixed by NVIDIA's ABI.

@@ -14,6 +14,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, make_config
 from .data import DataError
 from .guard import PEER_DEATH_GRACE_S, publish_rank_table
+from .hostmem import keep_freed_memory
 from .metrics import print_result
 from .nonfinite import NonFiniteError
 from .precision import parse_precision, use
@@ -35,6 +36,7 @@ OUTPUT_GRACE_S = 0.5
 
 def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
+    keep_freed_memory()
     try:
         cfg = make_config(argv)
         backend = Backend(cfg.device, cfg.dtype)

@@ -17,12 +17,13 @@ from .base import TRAIN, Layer, Mode
 # A 3 x 3, stride-1 convolution takes the Winograd path when C_in C_out / (C_in + C_out) reaches
 # this: the multiplications it saves grow as C_in x C_out, its transforms' memory passes as
 # C_in + C_out. Measured on one core, batch 64, 14 x 14 (forward + backward, ms, Winograd vs
-# im2col): 32 -> 64 channels 12.3 vs 15.0, 16 -> 32 4.1 vs 4.1, 8 -> 16 1.5 vs 1.2, 1 -> 32 13 vs 2.
-WINOGRAD_MIN_WIDTH = 11
+# im2col): 32 -> 64 channels 10.9 vs 14.9, 16 -> 32 3.6 vs 3.8, 8 -> 16 1.5 vs 1.2, 1 -> 32 12 vs 1.9.
+WINOGRAD_MIN_WIDTH = 10
 
 # Winograd F(2x2, 3x3) (Lavin & Gray 2016): y = A^T [(G w G^T) * (B^T d B)] A per 4 x 4 input tile d
 # (stride 2) and 2 x 2 output tile. B^T and A^T are applied below as the sums their rows spell.
 G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+A_T = ((1, 1, 1, 0), (0, 1, -1, -1))
 
 
 def out_size(size: int, k: int, stride: int, pad: int) -> int:
@@ -107,6 +108,15 @@ def _a(xp, e0, e1, out) -> None:
     xp.add(e0, e1, out=out[1])
     xp.subtract(e0, e1, out=out[2])
     xp.negative(e1, out=out[3])
+
+
+def _a_rows(xp, e0, e1, slab):
+    """The rows of A e one at a time, the last without its sign: e0, e0 + e1, e0 - e1, e1 (A's is -e1).
+    The two sums are written to `slab`: use each before asking for the next."""
+    yield e0
+    yield xp.add(e0, e1, out=slab)
+    yield xp.subtract(e0, e1, out=slab)
+    yield e1
 
 
 def _b_add(xp, v: list, out, axis: int, tiles: int) -> None:
@@ -204,25 +214,37 @@ class Conv2d(Layer):
         V = xp.empty((4, 4, self.c_in, th, tw, n), dtype=x.dtype)
         for a in range(4):
             _bt(xp, _taps(rows[a], 2, tw), V[a])                        # ... and along columns
-        V = V.reshape(16, self.c_in, th * tw * n)
-        U = self._filter(params["W"])                                   # (16, C_out, C_in)
-        M = matmul(U, V).reshape(4, 4, self.c_out, th, tw, n)
-        half = xp.empty((2, 4, self.c_out, th, tw, n), dtype=x.dtype)
-        _at(xp, M, half)                                                # A^T M along rows
+        T = th * tw * n
+        V = V.reshape(4, 4, self.c_in, T)
+        U = self._filter(params["W"]).reshape(4, 4, self.c_out, self.c_in)
+        # Y = A^T M A with M[a, b] = U[a, b] @ V[a, b], one row a of M at a time: its 4 products
+        # (in cache) reduced along the columns, then added into the output rows with A^T's signs.
+        # M itself (16 slices of C_out x T) never goes to memory.
+        Y = xp.zeros((2, 2, self.c_out, T), dtype=x.dtype)
+        row = xp.empty((4, self.c_out, T), dtype=x.dtype)
+        part = xp.empty((2, self.c_out, T), dtype=x.dtype)
+        for a in range(4):
+            for b in range(4):
+                matmul(U[a, b], V[a, b], out=row[b])
+            _at(xp, row, part)
+            for i in range(2):
+                if A_T[i][a] > 0:
+                    Y[i] += part
+                elif A_T[i][a] < 0:
+                    Y[i] -= part
+        Y = Y.reshape(2, 2, self.c_out, th, tw, n)
         y = xp.empty((self.c_out, 2 * th, 2 * tw, n), dtype=x.dtype)
         bias = params["b"][:, None, None, None]
         for i in range(2):
-            out = xp.empty((2, self.c_out, th, tw, n), dtype=x.dtype)
-            _at(xp, half[i], out)                                       # ... and along columns
             for j in range(2):
-                xp.add(out[j], bias, out=y[:, i::2, j::2])
+                xp.add(Y[i, j], bias, out=y[:, i::2, j::2])
         return nchw(y[:, :ho, :wo]), (V, U, x.shape)
 
     def _filter(self, W):
-        """G W G^T for every (C_out, C_in) pair: (16, C_out, C_in)."""
+        """G W G^T for every (C_out, C_in) pair: (4, 4, C_out, C_in)."""
         xp = array_module(W)
         g = xp.asarray(G, dtype=W.dtype)
-        return xp.einsum("ak,oikl,bl->aboi", g, W, g, optimize=True).reshape(16, self.c_out, self.c_in)
+        return xp.einsum("ak,oikl,bl->aboi", g, W, g, optimize=True)
 
     def _winograd_backward(self, params, cache, dy, need_dx: bool):
         V, U, x_shape = cache
@@ -233,20 +255,31 @@ class Conv2d(Layer):
         if (ho, wo) != (2 * th, 2 * tw):   # outputs past the edge of an odd size have zero gradient
             g = xp.zeros((self.c_out, 2 * th, 2 * tw, n), dtype=dy.dtype)
             g[:, :ho, :wo] = batch_inner(dy)
-        # dM = A dY A^T for every tile: dY[i][j] is output (2a + i, 2b + j) of tile (a, b).
+        # dM = A dY A^T for every tile: dY[i][j] is output (2a + i, 2b + j) of tile (a, b). A along
+        # the columns first: cols[b, i] for each column position b of the transformed tile.
+        T = th * tw * n
         cols = xp.empty((4, 2, self.c_out, th, tw, n), dtype=dy.dtype)
         for i in range(2):
             _a(xp, g[:, i::2, 0::2], g[:, i::2, 1::2], cols[:, i])
-        dM = xp.empty((4, 4, self.c_out, th, tw, n), dtype=dy.dtype)
+        cols = cols.reshape(4, 2, self.c_out, T)
+        # Then along the rows, one (C_out, T) slice dM[a, b] at a time, used by both its products
+        # while it is in cache: dM itself (16 such slices) never goes to memory.
+        dU = xp.empty((4, 4, self.c_out, self.c_in), dtype=dy.dtype)
+        dV = xp.empty((4, 4, self.c_in, T), dtype=dy.dtype) if need_dx else None
+        Ut = U.transpose(0, 1, 3, 2).copy()
+        Ut[3] *= -1   # _a_rows yields A's last row without its sign: the sign goes to the factors
+        slab = xp.empty((self.c_out, T), dtype=dy.dtype)
         for b in range(4):
-            _a(xp, cols[b, 0], cols[b, 1], dM[:, b])
-        dM = dM.reshape(16, self.c_out, th * tw * n)
-        dU = matmul(dM, V.transpose(0, 2, 1)).reshape(4, 4, self.c_out, self.c_in)
+            for a, dM in enumerate(_a_rows(xp, *cols[b], slab)):
+                matmul(dM, V[a, b].T, out=dU[a, b])
+                if need_dx:
+                    matmul(Ut[a, b], dM, out=dV[a, b])
+        dU[3] *= -1
         gm = xp.asarray(G, dtype=dy.dtype)
         grads = {"W": xp.einsum("ak,aboi,bl->oikl", gm, dU, gm, optimize=True), "b": g.sum(axis=(1, 2, 3))}
         if not need_dx:
             return None, grads
-        dV = matmul(U.transpose(0, 2, 1), dM).reshape(4, 4, self.c_in, th, tw, n)
+        dV = dV.reshape(4, 4, self.c_in, th, tw, n)
         rows = xp.empty((4, self.c_in, th, 2 * tw + 2, n), dtype=dy.dtype)
         for a in range(4):
             _b_add(xp, dV[a], rows[a], 2, tw)                           # columns' adjoint

@@ -130,7 +130,7 @@ def test_winograd_conv_equals_the_im2col_product(h, w, pad):
 
 
 @pytest.mark.parametrize("c_in, c_out, k, stride, winograd", [
-    (32, 64, 3, 1, True), (32, 32, 3, 1, True), (16, 32, 3, 1, False), (1, 32, 3, 1, False),
+    (32, 64, 3, 1, True), (32, 32, 3, 1, True), (16, 32, 3, 1, True), (16, 16, 3, 1, False), (1, 32, 3, 1, False),
     (64, 64, 3, 2, False), (64, 64, 1, 1, False)])
 def test_wide_3x3_stride1_convolutions_take_the_winograd_path(c_in, c_out, k, stride, winograd):
     """The automatic choice: 3 x 3 at stride 1 with enough channels; forcing it elsewhere is an error."""
