@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from benchmarks.common import REPORTS, alternate, markdown_table, median, write_report
+from hpdl.hostmem import MMAP_THRESHOLD_MAX, TRIM_THRESHOLD
 
 MPIRUN = str(Path(sys.executable).parent / "mpirun")
 TARGET_ACC = 0.98
@@ -291,6 +292,22 @@ def single_process(args) -> tuple[list[list], dict]:
     return rows, raw
 
 
+def allocator_check(args) -> tuple[list[list], dict]:
+    """The single-process pairs again, PyTorch now run with the glibc malloc settings hpdl applies
+    to itself (hpdl.hostmem): how much of hpdl's margin is its allocator setting."""
+    env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_MAX), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+    rows, raw = [], {}
+    for name in ("mlp", "cnn"):
+        flags = ("--model", name, "--batch-size", "128", "--steps", str(args.sp_steps))
+        raw[name] = alternate({
+            "hpdl": lambda: worker_run(1, args, "single", args.threads, None, "--impl", "hpdl", *flags)["samples_per_s"],
+            "torch": lambda: worker_run(1, args, "single", args.threads, env, "--impl", "torch",
+                                        *flags)["samples_per_s"]}, args.repeats)
+        rows.append(row(f"single process `{name}`, batch 128, {args.threads} threads", raw[name]))
+        print("allocator check", rows[-1], flush=True)
+    return rows, raw
+
+
 def data_parallel(args) -> tuple[list[list], dict]:
     """2: hpdl `sync` against DDP (gloo), 2 ranks x 1 thread, batch 128 per rank."""
     steps = str(args.dp_steps)
@@ -429,11 +446,13 @@ def main() -> None:
     only = set(args.only.split(","))
     rows, throughput, data = [], {}, {"variants": {k: v for k, v in variants(args).items()}}
     load = data["load_average"] = {"start": os.getloadavg()[0]}
+    malloc_rows: list[list] = []
     if "single" in only:
         r, raw = single_process(args)
         rows += r
         throughput |= {f"1 proc {n}": v for n, v in raw.items()}
         data["single_process"], load["single"] = raw, os.getloadavg()[0]
+        malloc_rows, data["allocator_check"] = allocator_check(args)
     if "dp" in only:
         r, raw = data_parallel(args)
         rows += r
@@ -451,13 +470,13 @@ def main() -> None:
         acc_rows, acc_raw = time_to_accuracy(args)
         data["time_to_98"], load["acc"] = acc_raw, os.getloadavg()[0]
         plot_accuracy(acc_raw)
-    body = report_body(args, rows, acc_rows, load)
+    body = report_body(args, rows, malloc_rows, acc_rows, load)
     print(write_report("peers", "hpdl vs PyTorch on the same machine", body, data))
 
 
-def report_body(args, rows: list[list], acc_rows: list[list], load: dict[str, float]) -> str:
+def report_body(args, rows: list[list], malloc_rows: list[list], acc_rows: list[list], load: dict[str, float]) -> str:
     kernels = {name: blas_kernel(env) for name, env in variants(args).items() if name != "torch"}
-    blas = f", hpdl with OpenBLAS's own kernels (C)" if args.native_blas else ""
+    blas = ", hpdl with OpenBLAS's own kernels (C)" if args.native_blas else ""
     header = ["workload", f"hpdl samples/s (A, OpenBLAS {kernels['hpdl']})", "PyTorch samples/s (B)", "A / B"]
     if args.native_blas:
         header += [f"hpdl samples/s (C, OpenBLAS {kernels['hpdl_blas']})", "C / B"]
@@ -487,6 +506,9 @@ Other jobs shared this {os.cpu_count()}-core machine during the run: its 1-minut
 alternation spreads it over both alike, but it is noise all the same.
 
 """ + markdown_table(header, rows) + "\n\n![throughput relative to PyTorch](peers.png)\n"]
+    if malloc_rows:
+        parts.append(MALLOC_TEXT + markdown_table(["workload", "hpdl samples/s", "PyTorch samples/s, malloc kept",
+                                                   "hpdl / PyTorch"], malloc_rows) + "\n")
     if any("P = 4" in str(r[0]) for r in rows):
         parts.append(P4_TEXT)
     if acc_rows:
@@ -504,6 +526,18 @@ alternating runs each.
     return "\n".join(parts)
 
 
+MALLOC_TEXT = """## PyTorch with hpdl's allocator setting
+
+hpdl keeps the memory a training step frees for the next one (`hpdl/hostmem.py`: glibc's
+mmap threshold raised to 32 MiB and trimming off, set by `hpdl.train` and by the runners
+above); by default glibc returns every large freed block to the kernel and the next step
+page-faults it in again. PyTorch as shipped runs with the default, and the table above
+measures it so. The same pairs again, PyTorch now started with `MALLOC_MMAP_THRESHOLD_` and
+`MALLOC_TRIM_THRESHOLD_` set to the values hpdl applies (alternating, same runs as above):
+
+"""
+
+
 P4_TEXT = """## P = 4: PyTorch runs it too
 
 The issue expected PyTorch to be unable to run this mlp as four stages: it has six layers
@@ -515,51 +549,70 @@ its optimizer an empty parameter list), so P = 4 is measured as a pair like P = 
 ranks on this machine's two cores, two ranks share each core on both sides.
 """
 
-ANALYSIS = """## Where hpdl is slower: what was found, what changed
+ANALYSIS = """## Where hpdl was slower: what was found, what changed
 
-Profiles taken on 2026-11-29 on this machine while other jobs loaded it, so each comparison
-below alternates or takes the minimum CPU time (`time.process_time`, one BLAS thread) of
-repeated calls, which load disturbs least.
+Profiles taken on 2026-11-29 on this machine; each comparison below takes the minimum CPU or
+wall time of repeated calls (`time.process_time`, one BLAS thread, unless it says otherwise).
 
-**The BLAS kernel (the main finding).** This machine's environment pins
-`OPENBLAS_CORETYPE=Haswell` (with `OPENBLAS_L2_SIZE`), because older OpenBLAS builds compute
-wrong results or crash on some processors; hpdl, its tests and CI leave both as they are, so
-column A runs NumPy's OpenBLAS 0.3.31 on its AVX2 kernels. Column C (`--native-blas`) removes
-both variables from hpdl's processes alone, as a machine without them would run: OpenBLAS
-then picks its AVX-512 kernels (the column heads name what threadpoolctl reports). PyTorch's
-MKL and oneDNN are not affected by either variable. The same products, one thread, CPU ms
-(profiled while developing this benchmark):
+**The BLAS kernel.** This machine's environment pins `OPENBLAS_CORETYPE=Haswell` (with
+`OPENBLAS_L2_SIZE`), because older OpenBLAS builds compute wrong results or crash on some
+processors; hpdl, its tests and CI leave both as they are, so column A runs NumPy's OpenBLAS
+0.3.31 on its AVX2 kernels. Column C (`--native-blas`) removes both variables from hpdl's
+processes alone, as a machine without them would run: OpenBLAS then picks its AVX-512 kernels
+(the column heads name what threadpoolctl reports). PyTorch's MKL and oneDNN are not affected
+by either variable. The cnn's second convolution as im2col + one product,
+(64 x 288) @ (288 x 25088): 8.7-9.3 ms with the Haswell kernels, 6.0 with SkylakeX; oneDNN's
+whole convolution forward 4.7-5.0 ms.
 
-| product | OpenBLAS Haswell | OpenBLAS SkylakeX | PyTorch |
-|---|---|---|---|
-| (64 x 288) @ (288 x 25088), the cnn's 2nd conv | 8.7-9.3 | 6.0 | 11.2-12.5 (matmul), 4.7-5.0 (whole oneDNN conv forward) |
-| (128 x 784) @ (784 x 1024), the mlp's 1st layer | 1.66-1.77 | 1.09-1.10 | 2.1-2.2 |
+**The cnn (0.53 before this round; four changes, each measured on its own).** A step of batch
+128 was 52-55 ms with 2 threads against PyTorch's 23-30 ms. Per layer (one thread, ms forward /
+backward) the second convolution took 11.7 / 23.0 of about 50, and what was not a matrix product
+(im2col copies, col2im adds, the transposes between NCHW and the product's channel-major
+layout, pooling masks, ReLU) about half of the rest.
 
-A whole training step (forward, backward, SGD), batch 128, one thread, CPU ms: mlp hpdl 13.0
-(Haswell) and 8.4 (SkylakeX) against PyTorch 15.2-15.4; cnn hpdl 74.9 and 54.5 against PyTorch
-38-42.
+1. *Row blocks over threads* (`hpdl/threads.py`, `--thread-split`). NumPy runs its element-wise
+   and copy work on one core whatever BLAS is given, so with 2 BLAS threads half the cnn's step
+   ran on one core. Split into row blocks, one per thread with one BLAS thread each, every core
+   runs a whole block's step; the gradients are summed (the same step up to rounding; dropout
+   draws each block's rows of the batch's mask). `loss_and_grads` of batch 128: 43-56 ms with
+   2 BLAS threads, 29 ms as 2 blocks. `auto` splits convolutional nets only: the mlp, matrix
+   products alone, measured 6.9 ms with BLAS threads and 7.6-8.7 ms split (the split adds the
+   gradient sum). BatchNorm rules the split out.
+2. *Freed memory kept* (`hpdl/hostmem.py`). Every step allocates tens of megabytes of
+   activations and temporaries; glibc unmapped each freed block above its threshold, and the
+   next step page-faulted it back: about 9000 faults per cnn step of 64 rows
+   (`getrusage`), which was half the block's time (64 rows, one thread: 43 ms wall with the
+   default, 21-24 ms with freed memory kept, zero faults). `hpdl.train` sets it at start-up.
+   PyTorch pays the same faults as shipped: see the section above for it with the setting.
+3. *Batch-innermost activations* (`hpdl/layers/conv.py`). Arrays stay indexed NCHW, but Conv2d
+   and MaxPool2d store their outputs as (C, H, W, N) and hand on transposed views. im2col then
+   copies runs of W x N contiguous floats (it copied runs of W = 14), the product
+   `W @ cols` lands in that layout (no output transpose), col2im adds whole slabs, the pooling
+   windows are strided views with runs of N, and backward needs no transpose of dy.
+4. *Winograd F(2x2, 3x3)* for 3 x 3 stride-1 convolutions with enough channels (the cnn's
+   second): 16 products (64 x 32) @ (32 x tiles) do 2.25x fewer multiplications than im2col's
+   one. Its forward takes one row of the transformed tile at a time and its backward one dM
+   slice at a time, so that the 16 product outputs are reduced while in cache and never go to
+   memory (backward 7.9 -> 6.7 ms, forward 4.9 -> 4.2). Second convolution, 64 rows, one
+   thread, forward + backward: 10.9 ms against 14.9 for im2col in the same layout; for the
+   first convolution (1 input channel) im2col stays, 1.9 against 12 ms.
 
-**cnn, per layer** (hpdl, one thread, CPU ms forward / backward): Conv2d 1->32 8.0 / 5.3
-(in training only its weight gradient, 2.9), ReLU 1.5 / 1.3, MaxPool 3.2 / 2.7, Conv2d 32->64
-12.8 / 25.7, ReLU 0.5 / 0.6, MaxPool 1.2 / 1.2, Linear 3136->128 1.0 / 1.9; PyTorch's second
-convolution takes 5.2 / 11.6. The second conv is GEMM-bound (its backward: input-gradient GEMM
-8.4, col2im 5.3, weight-gradient GEMM 10.4 with Haswell kernels); the rest is memory traffic of
-im2col, col2im, the NCHW transposes, pooling and ReLU, which oneDNN fuses or avoids.
+Per block of 64 rows after all four (one thread, CPU ms forward / backward): Conv2d 1->32 0.6 /
+0.8 (weight gradient only), ReLU 0.5 / 0.4, MaxPool 0.8 / 0.5, Conv2d 32->64 4.2 / 6.7, ReLU
+0.2 / 0.1, MaxPool 0.3 / 0.2, Linear 0.4 / 0.9: about 17 ms. Two blocks at once take 25-26 ms
+rather than 17: the two cores share the memory bandwidth, and the element-wise layers slow
+most (ReLU and pooling 1.5-2x when both blocks run).
 
-Tried, measured, and not kept (hpdl's code is unchanged by this issue):
+Tried, measured, and not kept:
 
-- Conv2d as one product per sample (im2col with the sample axis first, so `W @ cols` lands in
-  NCHW with no output transpose): one thread, CPU per cnn step 74.9 -> 67.7 ms (first conv
-  forward 8.0 -> 1.7 ms); but with 2 threads, alternating A/B of 5 x 10 steps under load,
-  161 -> 63 samples/s: NumPy runs a stacked matmul as one OpenBLAS call per sample, each a
-  threaded GEMM with its own synchronisation. Reverted.
-- SGD without temporaries (one scratch array per shape): the mlp update 1.17-1.30 ms before,
-  1.30-1.32 ms after: the update is memory-bound (six passes over 7.4 MB) and the allocator
-  reuses the freed temporaries. Reverted.
-- col2im with the samples innermost (long inner loops): its adds 5.3 -> 2.4 ms, but the two
-  extra transposes cost the same (input gradient 14.1 -> 14.2 ms). Not applied.
-- MaxPool over strided views without the tile copy: forward 3.1 -> 1.1 ms, backward
-  1.8 -> 5.1 ms. ReLU as `maximum`: forward 1.06 -> 0.96 ms, backward slower. Not applied.
+- The 2-D Winograd transforms as one (16 x 16) or (4 x 16) product each (Kronecker form of
+  B^T and A^T) instead of separable row and column passes: input transform 0.77 -> 0.98 ms,
+  output 0.51 -> 0.57 ms. Not applied.
+- Max pooling with an argmax index (uint8) instead of one mask per window offset: forward
+  0.57 -> 5.4 ms (`np.copyto(where=)` is slow). ReLU as `maximum` with `y > 0` in backward:
+  0.33 / 0.27 -> 0.48 / 0.43 ms. Not applied.
+- Conv2d as one product per sample (the earlier round): NumPy runs a stacked matmul as one
+  threaded OpenBLAS call per sample. Reverted then.
 
 **Pipeline, P = 2** (cProfile of both ranks, GPipe, 100 mini-batches): stage 0 spends 5.9 s of
 its 8.3 s in `time.sleep` waiting for stage 1, which is the bottleneck: the FLOP-balanced cut
@@ -576,12 +629,6 @@ one thread per rank both are bound by the same GEMMs.
 single-process ones and the time-to-accuracy race, whose runs are minutes long: a quiet
 window during one side's run and not the other's shifts the ratio far more than any change
 above (raw runs in `peers.json`; the race's curves show the speed of each interval).
-
-**Still below 1.0: the cnn.** Its second convolution is GEMM-bound and oneDNN's direct
-convolution does the same work in about half the time of im2col + OpenBLAS, with the
-memory traffic around it fused away; closing that gap needs a convolution kernel, not a
-change to the Python around it. The finiteness check in `Optimizer.step` sums every gradient
-once per step: 0.25 ms per mlp step, 2-3% of a one-thread step, included in every hpdl figure.
 """
 
 
