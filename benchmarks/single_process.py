@@ -116,14 +116,17 @@ def main() -> None:
     print(write_report("single_process", "Single process: hpdl vs PyTorch CPU", body, {"samples_per_s": data}))
 
 
-WHY = """Where the time goes (per-layer tables below). The mlp is three matrix products per pass
-and NumPy hands them straight to OpenBLAS in float32; hpdl also skips the input gradient of
-the first layer, so it matches or beats PyTorch. The cnn falls short: a convolution here is
-im2col + one GEMM, which materializes the (C k k, N Ho Wo) patch matrix, and a transpose
-between NCHW and the GEMM's channel-major layout on the way in and out (and col2im's
-strided adds in backward), where PyTorch's oneDNN kernels convolve in place with blocked
-layouts; max-pooling, ReLU and dropout are several NumPy passes with temporaries each, where
-PyTorch fuses them. The conv layers' backward (dW and col2im) is the largest single cost."""
+WHY = """Both sides run in this one process, so both get the memory setting hpdl applies
+(`hpdl/hostmem.py`: freed blocks kept for reuse instead of unmapped and page-faulted back in);
+`benchmarks/reports/peers.md` compares them in separate processes, each as shipped. The mlp is
+three matrix products per pass and NumPy hands them straight to OpenBLAS in float32; hpdl also
+skips the input gradient of the first layer. The cnn's threads split each batch into row blocks
+(`--thread-split auto`), because NumPy runs its element-wise and copy work on one core whatever
+BLAS gets; its convolutions and pooling keep activations batch-innermost, and the second
+convolution uses Winograd F(2x2, 3x3). The per-layer tables below are one thread, the whole
+batch, minimum of 5 calls: the second convolution remains the largest single cost, and what is
+not a matrix product (ReLU, pooling masks, the Winograd transforms) is memory traffic that
+PyTorch's oneDNN kernels fuse."""
 
 
 def plot(data: dict) -> None:

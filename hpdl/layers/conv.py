@@ -212,8 +212,7 @@ class Conv2d(Layer):
         rows = xp.empty((4, self.c_in, th, 2 * tw + 2, n), dtype=x.dtype)
         _bt(xp, _taps(d, 1, th), rows)                                  # B^T d along rows
         V = xp.empty((4, 4, self.c_in, th, tw, n), dtype=x.dtype)
-        for a in range(4):
-            _bt(xp, _taps(rows[a], 2, tw), V[a])                        # ... and along columns
+        _bt(xp, _taps(rows, 3, tw), V.transpose(1, 0, 2, 3, 4, 5))     # ... and along columns
         T = th * tw * n
         V = V.reshape(4, 4, self.c_in, T)
         U = self._filter(params["W"]).reshape(4, 4, self.c_out, self.c_in)
@@ -281,8 +280,7 @@ class Conv2d(Layer):
             return None, grads
         dV = dV.reshape(4, 4, self.c_in, th, tw, n)
         rows = xp.empty((4, self.c_in, th, 2 * tw + 2, n), dtype=dy.dtype)
-        for a in range(4):
-            _b_add(xp, dV[a], rows[a], 2, tw)                           # columns' adjoint
+        _b_add(xp, dV.transpose(1, 0, 2, 3, 4, 5), rows, 3, tw)        # columns' adjoint
         dd = xp.empty((self.c_in, 2 * th + 2, 2 * tw + 2, n), dtype=dy.dtype)
         _b_add(xp, rows, dd, 1, th)                                     # rows' adjoint
         h, w = x_shape[2:]
