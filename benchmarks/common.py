@@ -29,8 +29,10 @@ def machine() -> dict:
         git = ["git", "-C", str(ROOT)]
         facts["commit"] = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
                                          text=True, check=True).stdout.strip()
-        # A figure made from uncommitted code is not reproducible from the commit alone.
-        changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        # A figure made from uncommitted code is not reproducible from the commit alone; the
+        # reports themselves (this run's outputs among them) are not code.
+        changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  f":(exclude){REPORTS.relative_to(ROOT)}"], capture_output=True,
                                  text=True, check=True).stdout.strip()
         facts["commit_dirty"] = bool(changed)
     except (OSError, subprocess.CalledProcessError):
