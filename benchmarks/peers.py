@@ -278,15 +278,18 @@ def set_lr(opt, lr: float) -> None:
 
 # ---- the workloads ------------------------------------------------------------------------
 
+def single_run(args, impl: str, model: str, env: dict | None) -> float:
+    """samples/s of one single-process run of `impl` on `model`, batch 128, `--threads` threads."""
+    return worker_run(1, args, "single", args.threads, env, "--impl", impl, "--model", model, "--batch-size", "128",
+                      "--steps", str(args.sp_steps))["samples_per_s"]
+
+
 def single_process(args) -> tuple[list[list], dict]:
     """1: one process, batch 128, `--threads` threads (hpdl's layers and optimizer from Python)."""
     rows, raw = [], {}
     for name in ("mlp", "cnn"):
-        flags = ("--model", name, "--batch-size", "128", "--steps", str(args.sp_steps))
-        raw[name] = pair(args, lambda env: worker_run(1, args, "single", args.threads, env, "--impl", "hpdl",
-                                                      *flags)["samples_per_s"],
-                         lambda: worker_run(1, args, "single", args.threads, None, "--impl", "torch",
-                                            *flags)["samples_per_s"], args.repeats)
+        raw[name] = pair(args, lambda env: single_run(args, "hpdl", name, env),
+                         lambda: single_run(args, "torch", name, None), args.repeats)
         rows.append(row(f"single process `{name}`, batch 128, {args.threads} threads", raw[name]))
         print(rows[-1], flush=True)
     return rows, raw
@@ -298,11 +301,8 @@ def allocator_check(args) -> tuple[list[list], dict]:
     env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_MAX), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
     rows, raw = [], {}
     for name in ("mlp", "cnn"):
-        flags = ("--model", name, "--batch-size", "128", "--steps", str(args.sp_steps))
-        raw[name] = alternate({
-            "hpdl": lambda: worker_run(1, args, "single", args.threads, None, "--impl", "hpdl", *flags)["samples_per_s"],
-            "torch": lambda: worker_run(1, args, "single", args.threads, env, "--impl", "torch",
-                                        *flags)["samples_per_s"]}, args.repeats)
+        raw[name] = alternate({"hpdl": lambda: single_run(args, "hpdl", name, None),
+                               "torch": lambda: single_run(args, "torch", name, env)}, args.repeats)
         rows.append(row(f"single process `{name}`, batch 128, {args.threads} threads", raw[name]))
         print("allocator check", rows[-1], flush=True)
     return rows, raw

@@ -215,7 +215,7 @@ class Conv2d(Layer):
         _bt(xp, _taps(rows, 3, tw), V.transpose(1, 0, 2, 3, 4, 5))     # ... and along columns
         T = th * tw * n
         V = V.reshape(4, 4, self.c_in, T)
-        U = self._filter(params["W"]).reshape(4, 4, self.c_out, self.c_in)
+        U = self._filter(params["W"])                                   # (4, 4, C_out, C_in)
         # Y = A^T M A with M[a, b] = U[a, b] @ V[a, b], one row a of M at a time: its 4 products
         # (in cache) reduced along the columns, then added into the output rows with A^T's signs.
         # M itself (16 slices of C_out x T) never goes to memory.
