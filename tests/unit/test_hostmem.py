@@ -1,6 +1,7 @@
 """Keeping freed host memory: a training step stops page-faulting its temporaries in again."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -27,7 +28,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
 
 def faults_per_step(mode: str) -> int:
     out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, timeout=120,
-                         env={"OPENBLAS_NUM_THREADS": "1", "PATH": ""}, check=True)
+                         env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}, check=True)
     return int(out.stdout)
 
 
