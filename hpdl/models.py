@@ -89,11 +89,13 @@ def mlp(hidden: Sequence[int] = (1024, 1024), dropout: float = 0.0) -> list[Laye
     return layers + [Linear(n_in, N_CLASSES)]
 
 
-def cnn(channels: Sequence[int] = (32, 64), hidden: int = 128, dropout: float = 0.5) -> list[Layer]:
+def cnn(channels: Sequence[int] = (32, 64), hidden: int = 128, dropout: float = 0.5,
+        winograd: bool | None = None) -> list[Layer]:
+    """`winograd`: force the convolutions' Winograd path on or off (None: Conv2d's choice)."""
     layers: list[Layer] = []
     c_in, size = IMAGE_SHAPE[0], IMAGE_SHAPE[1]
     for c in channels:
-        layers += [Conv2d(c_in, c, 3, pad=1), ReLU(), MaxPool2d(2)]
+        layers += [Conv2d(c_in, c, 3, pad=1, winograd=winograd), ReLU(), MaxPool2d(2)]
         c_in, size = c, size // 2
     layers += [Flatten(), Linear(c_in * size * size, hidden), ReLU()]
     if dropout:

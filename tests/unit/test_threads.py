@@ -25,12 +25,12 @@ def batch(n: int, seed: int = 0):
     return rng.standard_normal((n, 1, 28, 28)), rng.integers(0, 10, n)
 
 
-@pytest.mark.parametrize("blocks", [2, 3])
-def test_row_blocks_give_the_whole_batch_step(blocks):
+@pytest.mark.parametrize("blocks, winograd", [(2, False), (3, True)])
+def test_row_blocks_give_the_whole_batch_step(blocks, winograd):
     """The cnn's loss and every gradient from row blocks run on threads equal the whole batch's
     in float64 to rounding, dropout included (each block draws its rows of the batch's mask),
-    with the loss weight applied."""
-    model = build_model("cnn", channels=(4, 8), hidden=16)
+    with the loss weight applied; with im2col and with Winograd convolutions."""
+    model = build_model("cnn", channels=(4, 8), hidden=16, winograd=winograd)
     params = model.init(0, np, np.float64)
     x, y = batch(40)
     loss, grads = loss_and_grads(model.layers, params, x, y, (3, 1), 0.25)
