@@ -1,10 +1,9 @@
 """AdamW: Adam with decoupled weight decay and bias correction, as torch.optim.AdamW."""
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
-from ..backend import array_module
+from ..kernels import adamw_update_ref
 from ..layers.base import Layer
 from .base import Optimizer
 
@@ -31,23 +30,6 @@ class AdamW(Optimizer):
         self.eps = float(eps)
 
     def _update(self, key: str, w, g, lr: float, wd: float) -> None:
-        xp = array_module(w)
-        b1, b2 = self.betas
-        m = self._zeros(f"{key}/exp_avg", w)
-        v = self._zeros(f"{key}/exp_avg_sq", w)
-        if wd:
-            w *= 1.0 - lr * wd  # decoupled: decay the weights, not the gradient
-        # `s` is the one scratch array of this update; every other operation is in place.
-        s = g * (1.0 - b1)
-        m *= b1
-        m += s
-        xp.multiply(g, g, out=s)
-        s *= 1.0 - b2
-        v *= b2
-        v += s
-        xp.sqrt(v, out=s)
-        s /= math.sqrt(1.0 - b2 ** self.steps)
-        s += self.eps
-        xp.divide(m, s, out=s)
-        s *= lr / (1.0 - b1 ** self.steps)
-        w -= s
+        # The update itself is the CUDA kernel's NumPy oracle: one definition of the arithmetic.
+        adamw_update_ref(w, g, self._zeros(f"{key}/exp_avg", w), self._zeros(f"{key}/exp_avg_sq", w), lr,
+                         self.steps, wd, self.betas, self.eps)
