@@ -154,11 +154,10 @@ def kernel_cases(cp) -> list[tuple[str, str, Callable[[], object], Callable[[], 
 
     The plain calls are the `*_ref` oracles run on CuPy arrays (the same operations as
     hpdl's optimizers and layers, tests/unit/test_kernel_oracles.py), hpdl.layers.conv's
-    im2col/col2im, and backend.sum_of_squares one tensor at a time (as LARS and
-    LENA take norms now, with a host sync each).
+    im2col/col2im, and a dot product read back to the host per tensor (as LARS and
+    LENA took norms before sum_squares, with a host sync each).
     """
     from hpdl import kernels as k
-    from hpdl.backend import sum_of_squares
     from hpdl.layers.conv import col2im, im2col
 
     cp.random.seed(SEED)
@@ -216,7 +215,7 @@ def kernel_cases(cp) -> list[tuple[str, str, Callable[[], object], Callable[[], 
     for sizes in ((16, 144, 16, 16, 4608, 32, 32, 9216, 64, 640, 10), (1_000_000,) * 8):
         tensors = [randn(n) for n in sizes]
         cases.append(("sum_squares", f"{len(sizes)} tensors, {sum(sizes):,} values",
-                      lambda t=tensors: k.sum_squares(t), lambda t=tensors: [sum_of_squares([a]) for a in t]))
+                      lambda t=tensors: k.sum_squares(t), lambda t=tensors: [float(cp.vdot(a, a)) for a in t]))
     for rows, n in ((128, 1024), (2048, 4096)):
         x, b, dy = randn(rows, n), randn(n), randn(rows, n)
         cases.append(("bias_relu_forward", f"{rows}x{n}", lambda x=x, b=b: k.bias_relu_forward(x, b),
@@ -356,7 +355,7 @@ def main() -> int:
             f"Microseconds per call (median of {args.repeats} alternating repeats of {args.kernel_calls} "
             "back-to-back calls, synchronized at both ends: launch overhead included). Plain CuPy: the "
             "kernel's `*_ref` oracle on CuPy arrays (the optimizers' and layers' own operations), "
-            "conv's im2col/col2im, and one backend.sum_of_squares per tensor.\n\n"
+            "conv's im2col/col2im, and one dot product read back per tensor.\n\n"
             + markdown_table(["kernel", "size", "fused us", "CuPy us", "speed-up"], rows))
     print(write_report("gpu", f"GPU: hpdl (CuPy) vs PyTorch eager on {device}", "\n\n".join(sections), data))
     return 0

@@ -63,15 +63,6 @@ def array_module(a) -> Any:
     return np
 
 
-def sum_of_squares(arrays) -> float:
-    """The squared Euclidean norm of several arrays together, as a host float."""
-    total = 0.0
-    for a in arrays:
-        v = a.ravel()
-        total += float(array_module(v).dot(v, v))
-    return total
-
-
 def to_host(a) -> np.ndarray:
     """A NumPy copy (or view) of `a`, wherever it lives."""
     if _cupy is not None and isinstance(a, _cupy.ndarray):

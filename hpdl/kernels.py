@@ -394,9 +394,11 @@ def easgd_elastic(center, x, alpha: float, out=None):
 
 
 def easgd_sync_worker_ref(x, center, g, lr: float, rho: float) -> None:
-    """Synchronous EASGD, a replica's half, as hpdl.algorithms.easgd.easgd_sync_worker:
+    """Synchronous EASGD (ALGORITHMS.md §5), one replica's half, in place:
 
-        x -= lr (g + rho (x - center))
+        x_i <- x_i - lr (g_i + rho (x_i - x~))
+
+    `center` is x~ before this step (every replica holds the same copy).
     """
     d = x - center
     d *= float(rho)
@@ -419,9 +421,14 @@ def easgd_sync_worker(x, center, g, lr: float, rho: float) -> None:
 
 
 def easgd_sync_center_ref(center, x_sum, n_workers: int, lr: float, rho: float) -> None:
-    """Synchronous EASGD, the centre's half, as hpdl.algorithms.easgd.easgd_sync_center:
+    """Synchronous EASGD (ALGORITHMS.md §5), the centre's half, in place:
 
-        center += lr rho (x_sum - N center)
+        x~ <- x~ + lr rho sum_i (x_i - x~),  with sum_i (x_i - x~) = x_sum - N x~,
+
+    where `x_sum` is the allreduced sum of the replicas' x_i taken BEFORE this step's
+    `easgd_sync_worker`, and `center` is still x~ of before the step. Every replica calls
+    it with the same allreduced sum, so their copies of x~ stay identical. The coupling
+    beta = N lr rho = 0.9 of §5 means rho = 0.9 / (N lr).
     """
     d = center * -float(n_workers)
     d += x_sum
@@ -738,7 +745,7 @@ def sum_squares_ref(arrays):
 
 
 def sum_squares(arrays):
-    """sum_squares_ref for any number of tensors in two launches on the GPU (T <= 65535)."""
+    """sum_squares_ref in two launches on the GPU per MAX_GRID (65535) tensors."""
     arrays = list(arrays)
     if not arrays:
         raise ValueError("sum_squares needs at least one array")
@@ -746,9 +753,9 @@ def sum_squares(arrays):
         raise ValueError(f"arrays must share one dtype, got {sorted({a.dtype.name for a in arrays})}")
     if not _use_kernel(*arrays):
         return sum_squares_ref(arrays)
-    if len(arrays) > MAX_GRID:
-        raise ValueError(f"at most {MAX_GRID} tensors per call, got {len(arrays)}")
     cp = array_module(arrays[0])
+    if len(arrays) > MAX_GRID:   # one grid row per tensor
+        return cp.concatenate([sum_squares(arrays[i:i + MAX_GRID]) for i in range(0, len(arrays), MAX_GRID)])
     # The contiguous copies stay referenced in `arrays` until both launches are queued.
     arrays = [cp.ascontiguousarray(a) for a in arrays]
     ptrs = cp.asarray(np.array([_address(a) for a in arrays], dtype=np.uint64))

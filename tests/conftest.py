@@ -1,4 +1,4 @@
-"""Shared fixtures: the prepared MNIST file, and skipping GPU tests on machines without one."""
+"""Shared fixtures: the prepared MNIST file, kernels built for the host, and skipping GPU tests without a GPU."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,3 +30,21 @@ def mnist_h5(tmp_path_factory) -> Path:
     from hpdl.data import prepare_mnist
     out = tmp_path_factory.mktemp("data") / "mnist.h5"
     return prepare_mnist(out, from_dir=SHARED_MNIST if SHARED_MNIST.is_dir() else None)
+
+
+@pytest.fixture(scope="session")
+def host_kernel_libraries(tmp_path_factory):
+    """kernels/*.cu built for the host once per session (tests/hostkernels.py); skips without g++."""
+    import hostkernels
+    if hostkernels.CXX is None:
+        pytest.skip("g++ not on PATH")
+    return hostkernels.build(tmp_path_factory.mktemp("host_kernels"))
+
+
+@pytest.fixture
+def host_kernels(host_kernel_libraries):
+    """hpdl.kernels taking the kernel path for NumPy float32, on the host builds; `.launches` counts runs."""
+    import hostkernels
+    monkey, launches = hostkernels.patch(host_kernel_libraries)
+    yield hostkernels.Patched(launches)
+    monkey.undo()

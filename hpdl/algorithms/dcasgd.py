@@ -1,6 +1,7 @@
 """DC-ASGD (ALGORITHMS.md §4): asynchronous SGD whose server compensates each gradient's delay."""
 from __future__ import annotations
 
+from ..kernels import dcasgd_update
 from .base import WeightServer, WorkerRule
 
 # Defaults of MXNet's optimizer/dcasgd.py (constant λ) and of the adaptive variant (§4).
@@ -28,24 +29,19 @@ class DcAsgdServer(WeightServer):
             raise ValueError(f"lambda_dc must be >= 0, got {lambda_dc}")
         self.lambda_dc = float(lambda_dc)
         self.backup = self.xp.stack([self.w] * n_workers)  # row m: w_bak(m)
-        self._t = self.xp.empty_like(self.w)
 
-    def _update(self, worker: int, g, lr: float) -> None:
-        xp, t = self.xp, self._t
-        xp.subtract(self.w, self.backup[worker], out=t)  # how far w moved since m read it
-        t *= g
-        t *= g
-        self._scale(worker, g, t)
-        t += g
-        t *= lr
-        self.w -= t
+    def _apply(self, worker: int, g, lr: float):
+        # One fused kernel on the GPU (kernels/optim_update.cu), its NumPy oracle elsewhere. It
+        # also writes the new w into backup row m, which is then the reply.
+        dcasgd_update(self.w, self.backup[worker], g, lr, self.lambda_dc, *self._adaptive(worker))
+        return self.backup[worker]
 
-    def _scale(self, worker: int, g, t) -> None:
-        """Multiply the correction `t` by its coefficient: the constant λ."""
-        t *= self.lambda_dc
+    def _adaptive(self, worker: int) -> tuple:
+        """DC-ASGD-a's extra arguments to dcasgd_update: none for the constant λ."""
+        return ()
 
     def _sent(self, worker: int):
-        # The backup row is the reply: it holds exactly what m receives and is not written
+        # A fetch: the backup row holds exactly what m receives and is not written
         # again before m's next message.
         self.backup[worker] = self.w
         return self.backup[worker]
@@ -71,18 +67,9 @@ class DcAsgdAdaptiveServer(DcAsgdServer):
             raise ValueError(f"eps_dc must be > 0, got {eps_dc}")
         self.ms_decay, self.eps_dc = float(ms_decay), float(eps_dc)
         self.ms = self.xp.zeros_like(self.backup)  # row m: MS_m
-        self._s = self.xp.empty_like(self.w)
 
-    def _scale(self, worker: int, g, t) -> None:
-        xp, ms, s = self.xp, self.ms[worker], self._s
-        ms *= self.ms_decay
-        xp.multiply(g, g, out=s)
-        s *= 1.0 - self.ms_decay
-        ms += s
-        xp.add(ms, self.eps_dc, out=s)
-        xp.sqrt(s, out=s)
-        t /= s
-        t *= self.lambda_dc
+    def _adaptive(self, worker: int) -> tuple:
+        return self.ms[worker], self.ms_decay, self.eps_dc
 
 
 class GradientWorker(WorkerRule):

@@ -1,6 +1,11 @@
-"""EASGD and EAMSGD (ALGORITHMS.md §5): local replicas tied to a centre variable by an elastic force."""
+"""EASGD and EAMSGD (ALGORITHMS.md §5): local replicas tied to a centre variable by an elastic force.
+
+Synchronous EASGD's two halves, `easgd_sync_worker` and `easgd_sync_center`, are the fused
+kernels of hpdl.kernels (NumPy oracles off the GPU), re-exported here with the rules.
+"""
 from __future__ import annotations
 
+from ..kernels import easgd_elastic, easgd_sync_center, easgd_sync_worker
 from .avg import LocalSgdWorker
 from .base import ServerRule
 
@@ -33,11 +38,8 @@ class EasgdServer(ServerRule):
         self._e = self.xp.empty_like(self.w)
 
     def _apply(self, worker: int, x, lr: float):
-        e = self._e
-        self.xp.subtract(x, self.w, out=e)
-        e *= self.alpha
-        self.w += e
-        return e
+        # One fused kernel on the GPU (kernels/optim_update.cu), its NumPy oracle elsewhere.
+        return easgd_elastic(self.w, x, self.alpha, out=self._e)
 
 
 class EasgdWorker(LocalSgdWorker):
@@ -79,31 +81,5 @@ class EamsgdWorker(EasgdWorker):
         self.v -= step
 
 
-def easgd_sync_worker(x, center, g, lr: float, rho: float) -> None:
-    """Synchronous EASGD (§5), one replica's half, in place:
-
-        x_i <- x_i - η (g_i + ρ (x_i - x̃))
-
-    `center` is x̃ before this step (every replica holds the same copy).
-    """
-    d = x - center
-    d *= float(rho)
-    d += g
-    d *= float(lr)
-    x -= d
-
-
-def easgd_sync_center(center, x_sum, n_workers: int, lr: float, rho: float) -> None:
-    """Synchronous EASGD (§5), the centre's half, in place:
-
-        x̃ <- x̃ + η ρ Σ_i (x_i - x̃),  with Σ_i (x_i - x̃) = x_sum - N x̃,
-
-    where `x_sum` is the allreduced sum of the replicas' x_i taken BEFORE this step's
-    `easgd_sync_worker`, and `center` is still x̃ of before the step. Every replica calls
-    it with the same allreduced sum, so their copies of x̃ stay identical. The coupling
-    β = N η ρ = 0.9 of §5 means ρ = 0.9 / (N η).
-    """
-    d = center * -float(n_workers)
-    d += x_sum
-    d *= float(lr) * float(rho)
-    center += d
+__all__ = ["BETA", "DELTA", "TAU", "EamsgdWorker", "EasgdServer", "EasgdWorker", "default_alpha",
+           "easgd_sync_center", "easgd_sync_worker"]

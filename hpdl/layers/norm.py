@@ -4,17 +4,8 @@ from __future__ import annotations
 import math
 
 from ..backend import array_module
+from ..kernels import batchnorm_backward, batchnorm_forward, layernorm_backward, layernorm_forward
 from .base import TRAIN, Layer, Mode
-
-
-def _normalize_backward(dxhat, xhat, rstd, axes):
-    """dx from dxhat for xhat = (x - mean(x)) * rstd, mean and variance taken over axes.
-
-    The two subtracted means are the gradient flowing through the mean and the variance.
-    """
-    mean_d = dxhat.mean(axis=axes, keepdims=True)
-    mean_dx = (dxhat * xhat).mean(axis=axes, keepdims=True)
-    return rstd * (dxhat - mean_d - xhat * mean_dx)
 
 
 def _affine_params(n: int, xp, dtype):
@@ -34,18 +25,13 @@ class LayerNorm(Layer):
         return _affine_params(self.n, xp, dtype)
 
     def forward(self, params, x, mode: Mode = TRAIN):
-        # x: (..., n) -> y: (..., n)   gamma, beta: (n,)
-        xp = array_module(x)
-        xc = x - x.mean(axis=-1, keepdims=True)
-        rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + self.eps)   # (..., 1)
-        xhat = xc * rstd
-        return xhat * params["gamma"] + params["beta"], (xhat, rstd)
+        # x: (..., n) -> y: (..., n)   gamma, beta: (n,)   cache: xhat (..., n), rstd (..., 1)
+        y, xhat, rstd = layernorm_forward(x, params["gamma"], params["beta"], self.eps)
+        return y, (xhat, rstd)
 
     def backward(self, params, cache, dy):
-        xhat, rstd = cache
-        dx = _normalize_backward(dy * params["gamma"], xhat, rstd, -1)
-        dy2, xhat2 = dy.reshape(-1, self.n), xhat.reshape(-1, self.n)
-        return dx, {"gamma": (dy2 * xhat2).sum(axis=0), "beta": dy2.sum(axis=0)}
+        dx, dgamma, dbeta = layernorm_backward(dy, *cache, params["gamma"])
+        return dx, {"gamma": dgamma, "beta": dbeta}
 
     def flops(self, in_shape):
         return 8 * math.prod(in_shape)   # mean, variance, normalize, scale and shift
@@ -70,42 +56,26 @@ class BatchNorm(Layer):
                 "running_mean": xp.zeros(self.c, dtype=dtype),
                 "running_var": xp.ones(self.c, dtype=dtype)}
 
-    @staticmethod
-    def _axes(x) -> tuple[int, ...]:
-        return (0,) + tuple(range(2, x.ndim))   # every axis but the channel
-
     def forward(self, params, x, mode: Mode = TRAIN):
         # x: (N, C) or (N, C, H, W) -> y: same shape; statistics are per channel
+        if mode.train:   # batch statistics, and the running ones updated in place
+            y, xhat, rstd = batchnorm_forward(x, params["gamma"], params["beta"], params["running_mean"],
+                                              params["running_var"], self.eps, self.momentum)
+            return y, (xhat, rstd, True)
         xp = array_module(x)
-        axes = self._axes(x)
         as_channel = (1, self.c) + (1,) * (x.ndim - 2)    # broadcasts (C,) against x
-        if mode.train:
-            mean = x.mean(axis=axes, keepdims=True)
-            xc = x - mean
-            var = (xc * xc).mean(axis=axes, keepdims=True)
-            self._update_running(params, mean, var, x.size // self.c)
-        else:
-            xc = x - params["running_mean"].reshape(as_channel)
-            var = params["running_var"].reshape(as_channel)
-        rstd = 1.0 / xp.sqrt(var + self.eps)
-        xhat = xc * rstd
-        y = xhat * params["gamma"].reshape(as_channel) + params["beta"].reshape(as_channel)
-        return y, (xhat, rstd, mode.train)
-
-    def _update_running(self, params, mean, var, count: int) -> None:
-        m = self.momentum
-        unbiased = count / max(count - 1, 1)
-        params["running_mean"] *= 1.0 - m
-        params["running_mean"] += m * mean.reshape(-1)
-        params["running_var"] *= 1.0 - m
-        params["running_var"] += (m * unbiased) * var.reshape(-1)
+        rstd = 1.0 / xp.sqrt(params["running_var"].reshape(as_channel) + self.eps)
+        xhat = (x - params["running_mean"].reshape(as_channel)) * rstd
+        return xhat * params["gamma"].reshape(as_channel) + params["beta"].reshape(as_channel), (xhat, rstd, False)
 
     def backward(self, params, cache, dy):
         xhat, rstd, train = cache
-        axes = self._axes(dy)
-        dxhat = dy * params["gamma"].reshape((1, self.c) + (1,) * (dy.ndim - 2))
+        if train:
+            dx, dgamma, dbeta = batchnorm_backward(dy, xhat, rstd, params["gamma"])
+            return dx, {"gamma": dgamma, "beta": dbeta}
         # In evaluation the statistics are constants, so only the scaling by rstd remains.
-        dx = _normalize_backward(dxhat, xhat, rstd, axes) if train else dxhat * rstd
+        axes = (0,) + tuple(range(2, dy.ndim))   # every axis but the channel
+        dx = dy * params["gamma"].reshape((1, self.c) + (1,) * (dy.ndim - 2)) * rstd
         return dx, {"gamma": (dy * xhat).sum(axis=axes), "beta": dy.sum(axis=axes)}
 
     def flops(self, in_shape):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..kernels import adamw_update_ref
+from ..kernels import adamw_update
 from ..layers.base import Layer
 from .base import Optimizer
 
@@ -30,6 +30,6 @@ class AdamW(Optimizer):
         self.eps = float(eps)
 
     def _update(self, key: str, w, g, lr: float, wd: float) -> None:
-        # The update itself is the CUDA kernel's NumPy oracle: one definition of the arithmetic.
-        adamw_update_ref(w, g, self._zeros(f"{key}/exp_avg", w), self._zeros(f"{key}/exp_avg_sq", w), lr,
+        # One fused kernel on the GPU (kernels/optim_update.cu), its NumPy oracle elsewhere.
+        adamw_update(w, g, self._zeros(f"{key}/exp_avg", w), self._zeros(f"{key}/exp_avg_sq", w), lr,
                          self.steps, wd, self.betas, self.eps)

@@ -65,6 +65,10 @@ class Optimizer:
             self._refuse(found)
             return
         self.steps += 1
+        self._update_all(params, grads, rates)
+
+    def _update_all(self, params: list[Params], grads: list[dict[str, Any]], rates: list[float]) -> None:
+        """Apply the rule to every trainable tensor; rules that need all tensors first override this."""
         for i, name, key, wd in self._tensors:
             self._update(key, params[i][name], grads[i][name], rates[i], wd)
 

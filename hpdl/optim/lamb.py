@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from ..backend import array_module
 from ..layers.base import Layer
 from .base import Optimizer
-from .lars import adapted, norm, trust_ratio
+from .lars import adapted, pair_norms, trust_ratio
 
 
 class LAMB(Optimizer):
@@ -34,7 +34,20 @@ class LAMB(Optimizer):
         self._adapted = adapted(self)
         self.trust: dict[str, float] = {}  # the last step's trust ratio of each adapted tensor, by state key
 
-    def _update(self, key: str, w, g, lr: float, wd: float) -> None:
+    def _update_all(self, params, grads, rates) -> None:
+        # Every direction first, so that all trust ratios come from one pass and one host read.
+        steps = [(key, params[i][name], self._direction(key, params[i][name], grads[i][name], wd), rates[i])
+                 for i, name, key, wd in self._tensors]
+        norms = iter(pair_norms([(w, r) for key, w, r, _ in steps if key in self._adapted]))
+        for key, w, r, lr in steps:
+            if key in self._adapted:
+                self.trust[key] = trust_ratio(*next(norms))
+                lr *= self.trust[key]
+            r *= lr
+            w -= r
+
+    def _direction(self, key: str, w, g, wd: float):
+        """r = m^ / (sqrt(v^) + eps) + wd w, after folding g into the moments."""
         xp = array_module(w)
         b1, b2 = self.betas
         m = self._zeros(f"{key}/exp_avg", w)
@@ -50,8 +63,4 @@ class LAMB(Optimizer):
         r /= 1.0 - b1 ** self.steps
         if wd:
             r += wd * w
-        if key in self._adapted:
-            self.trust[key] = trust_ratio(norm(w), norm(r))
-            lr *= self.trust[key]
-        r *= lr
-        w -= r
+        return r

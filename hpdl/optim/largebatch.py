@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..backend import sum_of_squares
+from ..backend import to_host
+from ..kernels import sum_squares
 from ..layers.base import Layer
 from .loss_scale import SCALER_STATE, LossScaler
 from .schedules import Schedule, make_schedule
@@ -32,8 +33,14 @@ GAIN_METHODS = ("adascale", "lena")  # these need the micro-batch squared norms
 
 
 def squared_norms(layers: Sequence[Layer], grads: Sequence[dict]) -> np.ndarray:
-    """Per layer, the squared Euclidean norm of all its trainable gradients together."""
-    return np.array([sum_of_squares(g[name] for name in layer.trainable) for layer, g in zip(layers, grads)])
+    """Per layer, the squared Euclidean norm of all its trainable gradients together.
+
+    One sum_squares pass over every tensor (two launches on the GPU), one read back to the host.
+    """
+    tensors = [g[name] for layer, g in zip(layers, grads) for name in layer.trainable]
+    squares = to_host(sum_squares(tensors)).astype(np.float64) if tensors else np.zeros(0)
+    ends = np.cumsum([len(layer.trainable) for layer in layers])
+    return np.array([squares[end - len(layer.trainable):end].sum() for layer, end in zip(layers, ends)])
 
 
 class GainRatio:

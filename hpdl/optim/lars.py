@@ -4,19 +4,29 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ..backend import array_module
+import numpy as np
+
+from ..backend import to_host
+from ..kernels import sum_squares
 from ..layers.base import Layer
 from .sgd import SGD
 
 
-def norm(a) -> float:
-    """The Euclidean norm of a tensor, as a host float."""
-    return float(array_module(a).linalg.norm(a.ravel()))
+def pair_norms(pairs: Sequence[tuple]) -> np.ndarray:
+    """(len(pairs), 2): the Euclidean norms of each pair's two tensors, as host floats.
+
+    All of them come from one sum_squares pass (two kernel launches on the GPU) and one
+    read back to the host, instead of a host round trip per tensor.
+    """
+    if not pairs:
+        return np.zeros((0, 2))
+    squares = to_host(sum_squares([t for pair in pairs for t in pair]))
+    return np.sqrt(squares.astype(np.float64)).reshape(-1, 2)
 
 
 def trust_ratio(numerator: float, denominator: float) -> float:
     """numerator / denominator, or 1 where that is 0, infinite or NaN (a zero tensor, a zero update)."""
-    if numerator > 0.0 and denominator > 0.0 and math.isfinite(ratio := numerator / denominator):
+    if numerator > 0.0 and denominator > 0.0 and math.isfinite(ratio := float(numerator / denominator)):
         return ratio
     return 1.0
 
@@ -45,15 +55,30 @@ class LARS(SGD):
         super().__init__(layers, momentum, False, weight_decay, lr_scale, wd_scale)
         self.eta, self.eps = float(eta), float(eps)
         self._adapted = adapted(self)
+        self._norms: dict[str, np.ndarray] = {}  # this step's (||w||, ||g||) of each adapted tensor
         self.trust: dict[str, float] = {}  # the last step's trust ratio of each adapted tensor, by state key
+
+    def _update_all(self, params, grads, rates) -> None:
+        tensors = [(key, params[i][name], grads[i][name]) for i, name, key, _ in self._tensors
+                   if key in self._adapted]
+        self._norms = dict(zip((key for key, *_ in tensors), pair_norms([(w, g) for _, w, g in tensors])))
+        super()._update_all(params, grads, rates)
 
     def _update(self, key: str, w, g, lr: float, wd: float) -> None:
         if key in self._adapted:
-            w_norm = norm(w)
-            self.trust[key] = trust_ratio(self.eta * w_norm, norm(g) + wd * w_norm + self.eps)
+            w_norm, g_norm = self._norms[key]
+            self.trust[key] = trust_ratio(self.eta * w_norm, g_norm + wd * w_norm + self.eps)
             lr *= self.trust[key]
         d = w * wd if wd else g.copy()  # a fresh array: the caller's gradient is only read
         if wd:
             d += g
         d *= lr
-        w -= self._momentum(f"{key}/momentum", w, d) if self.momentum else d
+        if self.momentum:
+            buf, first = self._momentum_buffer(f"{key}/momentum", w)
+            if first:
+                buf[...] = d
+            else:
+                buf *= self.momentum
+                buf += d
+            d = buf
+        w -= d

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..backend import array_module
+from ..kernels import sgd_update
 from ..layers.base import Layer
 from .base import Optimizer
 
@@ -27,26 +29,17 @@ class SGD(Optimizer):
         self.slots = ("momentum",) if momentum else ()
 
     def _update(self, key: str, w, g, lr: float, wd: float) -> None:
-        d = g
-        if wd:
-            d = w * wd  # a fresh array, so that the caller's gradient is never written
-            d += g
+        # One fused kernel on the GPU (kernels/optim_update.cu), its NumPy oracle elsewhere.
+        buf, first = None, False
         if self.momentum:
-            buf = self._momentum(f"{key}/momentum", w, d)
-            if self.nesterov:
-                nesterov = buf * self.momentum
-                nesterov += d
-                d = nesterov
-            else:
-                d = buf
-        w -= lr * d
+            buf, first = self._momentum_buffer(f"{key}/momentum", w)
+        sgd_update(w, g, lr, wd, self.momentum, self.nesterov, buf, first)
 
-    def _momentum(self, key: str, w, d):
-        """The momentum buffer after folding in the step direction `d`."""
+    def _momentum_buffer(self, key: str, w):
+        """(buffer, first): the momentum buffer, and whether this is its first step (it is then
+        uninitialized, and the update overwrites it)."""
         buf = self._buffer(key, w)
-        if buf is None:
-            buf = self.state[key] = d.copy()
-        else:
-            buf *= self.momentum
-            buf += d
-        return buf
+        if buf is not None:
+            return buf, False
+        buf = self.state[key] = array_module(w).empty_like(w)
+        return buf, True

@@ -1,15 +1,12 @@
 """kernels/*.cu compile to PTX (A100, H100), match hpdl.kernels' oracles built for the host, and the oracles are right."""
 from __future__ import annotations
 
-import ctypes
 import inspect
-import itertools
 import math
 import os
 import re
 import shutil
 import subprocess
-import threading
 
 import numpy as np
 import pytest
@@ -190,125 +187,12 @@ def test_shape_errors_are_reported():
         softmax_xent(np.zeros((3, 4), np.float32), np.zeros(2, np.int64))
 
 
-# ---- the kernels, run on the host ----------------------------------------------------------
-#
-# The shim below compiles the .cu sources as C++ with the CUDA built-ins they use, and
-# hpdl.kernels' own launchers (argument conversion, grid and block sizes) call them through
-# a stand-in loader. Blocks run one after another, so __shared__ memory is a static array.
-# Element-wise kernels run their threads one after another too; kernels that cooperate
-# within a block (__syncthreads, warp shuffles) run each block's threads as OS threads
-# meeting at pthread barriers, one barrier per block and one per warp.
-
-SHIM = r"""
-#include <cmath>
-#include <cstddef>
-#include <pthread.h>
-struct Dim { unsigned x, y, z; };
-extern "C" { Dim blockIdx, blockDim, gridDim; }
-static thread_local Dim threadIdx;
-#define __global__
-#define __device__
-#define __shared__ static
-// volatile rounds every result to float: no FMA contraction, as the _rn intrinsics on the GPU.
-static inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
-static inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
-static inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
-static inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
-static inline float __fsqrt_rn(float a) { volatile float r = std::sqrt(a); return r; }
-static pthread_barrier_t block_barrier, warp_barrier[32];
-static float lanes[1024];
-extern "C" void emu_block(unsigned threads) {  // threads: a multiple of 32, at most 1024
-    pthread_barrier_init(&block_barrier, nullptr, threads);
-    for (unsigned w = 0; w < threads / 32; ++w) pthread_barrier_init(&warp_barrier[w], nullptr, 32);
-}
-extern "C" void emu_thread(unsigned x) { threadIdx = {x, 0, 0}; }
-static inline void __syncthreads() { pthread_barrier_wait(&block_barrier); }
-static inline float __shfl_xor_sync(unsigned, float v, int offset) {
-    const unsigned t = threadIdx.x;
-    lanes[t] = v;
-    pthread_barrier_wait(&warp_barrier[t / 32]);
-    const float r = lanes[t ^ offset];
-    pthread_barrier_wait(&warp_barrier[t / 32]);
-    return r;
-}
-"""
-HOST_FILES = ("bias_act", "optim_update", "im2col", "norm", "sum_squares")
-COOPERATIVE = ("norm", "sum_squares")
-CXX = shutil.which("g++")
-_CTYPES = {np.float32: ctypes.c_float, np.int32: ctypes.c_int, np.uint64: ctypes.c_size_t}
-
-
-class _Dim(ctypes.Structure):
-    _fields_ = [("x", ctypes.c_uint), ("y", ctypes.c_uint), ("z", ctypes.c_uint)]
-
-
-class _HostModule:
-    """A cupy.RawModule stand-in whose kernels run on the CPU."""
-
-    def __init__(self, lib: ctypes.CDLL, cooperative: bool):
-        self.lib, self.cooperative = lib, cooperative
-        self.dims = {name: _Dim.in_dll(lib, name) for name in ("blockIdx", "blockDim", "gridDim")}
-
-    def get_function(self, name: str):
-        fn = getattr(self.lib, name)
-
-        def thread(tx: int, cargs) -> None:
-            self.lib.emu_thread(tx)
-            fn(*cargs)
-
-        def launch(grid, block, args):
-            cargs = [ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else _CTYPES[type(a)](a)
-                     for a in args]
-            (gx, gy), bx = (tuple(grid) + (1,))[:2], block[0]
-            self.dims["gridDim"].x, self.dims["gridDim"].y, self.dims["blockDim"].x = gx, gy, bx
-            for by_, bx_ in itertools.product(range(gy), range(gx)):
-                self.dims["blockIdx"].x, self.dims["blockIdx"].y = bx_, by_
-                if not self.cooperative:
-                    for tx in range(bx):
-                        thread(tx, cargs)
-                    continue
-                self.lib.emu_block(bx)
-                threads = [threading.Thread(target=thread, args=(tx, cargs)) for tx in range(bx)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-        return launch
-
-
-@pytest.fixture(scope="module")
-def host_kernels(tmp_path_factory):
-    """hpdl.kernels with load() returning host builds, the GPU path taken for NumPy float32 and
-    host addresses in pointer tables; a 3-block grid cap makes every grid-stride loop wrap."""
-    out = tmp_path_factory.mktemp("host")
-    (out / "shim.h").write_text(SHIM)
-    procs = {name: subprocess.Popen([CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
-                                     "-include", str(out / "shim.h"), "-x", "c++",
-                                     str(kernels.KERNEL_DIR / f"{name}.cu"), "-o", str(out / f"{name}.so")],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name in HOST_FILES}
-    modules = {}
-    for name, proc in procs.items():
-        _, stderr = proc.communicate()
-        assert proc.returncode == 0, f"g++ failed on {name}.cu:\n{stderr}"
-        modules[name] = _HostModule(ctypes.CDLL(str(out / f"{name}.so")), name in COOPERATIVE)
-    patch = pytest.MonkeyPatch()
-    patch.setattr(kernels, "load", modules.__getitem__)
-    patch.setattr(kernels, "_use_kernel", lambda *arrays: all(a.dtype == np.float32 for a in arrays))
-    patch.setattr(kernels, "_address", lambda a: a.ctypes.data)
-    patch.setattr(kernels, "MAX_GRID", 3)
-    yield kernels
-    patch.undo()
-
-
-needs_cxx = pytest.mark.skipif(CXX is None, reason="g++ not on PATH")
-
+# ---- the kernels, run on the host (tests/hostkernels.py) -----------------------------------
 
 def _f32(rng, *shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
-@needs_cxx
 @pytest.mark.parametrize("momentum,nesterov,wd", [(0.0, False, 0.0), (0.9, False, 0.01), (0.9, True, 5e-4)])
 def test_host_sgd_kernel_is_bit_identical(host_kernels, momentum, nesterov, wd):
     """sgd_update's kernel source and launcher give the oracle's w and buffer bit for bit over two steps."""
@@ -324,7 +208,6 @@ def test_host_sgd_kernel_is_bit_identical(host_kernels, momentum, nesterov, wd):
         np.testing.assert_array_equal(buf, buf_ref)
 
 
-@needs_cxx
 def test_host_adamw_and_server_kernels_are_bit_identical(host_kernels):
     """adamw_update, dcasgd_update (both variants) and the three EASGD kernels equal their oracles bit for bit."""
     rng = np.random.default_rng(1)
@@ -356,7 +239,6 @@ def test_host_adamw_and_server_kernels_are_bit_identical(host_kernels):
     np.testing.assert_array_equal(center, center_ref)
 
 
-@needs_cxx
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("case", [(2, 3, 7, 6, 3, 1, 1), (2, 2, 9, 9, 3, 2, 1), (1, 4, 5, 8, 1, 2, 0),
                                   (1, 2, 5, 5, 5, 1, 2), (2, 1, 8, 7, 3, 3, 2)])
@@ -372,7 +254,6 @@ def test_host_im2col_col2im_kernels_are_bit_identical(host_kernels, case, batche
                                   host_kernels.col2im_ref(dcols, x.shape, k, s, pad, batched))
 
 
-@needs_cxx
 def test_host_bias_relu_kernels_are_bit_identical(host_kernels):
     """bias_relu_forward (2-D grid, rows striding past the grid cap) and backward equal their oracles."""
     rng = np.random.default_rng(3)
@@ -388,7 +269,6 @@ def _assert_within_allowance(kernel, ref32, ref64, what: str, abs_sum=0.0) -> No
     assert (err <= limit).all(), f"{what}: error {err.max():.3g} above the allowance"
 
 
-@needs_cxx
 @pytest.mark.parametrize("shape", [(1, 1), (5, 10), (2, 7, 33), (4, 1100)])
 def test_host_layernorm_kernels_within_allowance(host_kernels, shape):
     """The LayerNorm kernels (block sums, rows striding past the grid cap, rows wider than a
@@ -412,7 +292,6 @@ def test_host_layernorm_kernels_within_allowance(host_kernels, shape):
         _assert_within_allowance(k, r32, r64, name, abs_sum)
 
 
-@needs_cxx
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (4, 3, 5, 7), (8, 7, 3, 3), (16, 2, 40, 40)])
 def test_host_batchnorm_kernels_within_allowance(host_kernels, shape):
     """The BatchNorm kernels (channels striding past the grid cap, channels longer than a block)
@@ -441,7 +320,6 @@ def test_host_batchnorm_kernels_within_allowance(host_kernels, shape):
         _assert_within_allowance(k, r32, r64, name, abs_sum)
 
 
-@needs_cxx
 def test_host_sum_squares_kernels_within_allowance(host_kernels):
     """One launch pair over an empty, a 2-D and a 3000-value tensor (several partial blocks)
     gives each sum of squares as accurately as NumPy float32."""

@@ -8,7 +8,7 @@ from hpdl.config import ConfigError
 from hpdl.data import Loader
 from hpdl.models import build_model
 from hpdl.threads import MIN_BLOCK_ROWS, RowThreads, row_blocks
-from hpdl.trainer import SERIAL, evaluate, loss_and_grads
+from hpdl.trainer import evaluate, loss_and_grads
 
 from test_train import result_of, run
 

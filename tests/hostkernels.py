@@ -1,0 +1,145 @@
+"""kernels/*.cu built for the host with g++ and launched by hpdl.kernels' own launchers, for machines without a GPU.
+
+The shim below compiles the .cu sources as C++ with the CUDA built-ins they use, and
+hpdl.kernels' launchers (argument conversion, grid and block sizes) call them through a
+stand-in loader. Blocks run one after another, so __shared__ memory is a static array.
+Element-wise kernels run their threads one after another too; kernels that cooperate
+within a block (__syncthreads, warp shuffles) run each block's threads as OS threads
+meeting at pthread barriers, one barrier per block and one per warp.
+
+`patch` makes hpdl.kernels take the kernel path for NumPy float32 arrays (host addresses
+in pointer tables, a 3-block grid cap so every grid-stride loop wraps) and counts the
+launches of each kernel, so a test can run hpdl's own layers and optimizers on the
+kernels and check which ran.
+"""
+from __future__ import annotations
+
+import ctypes
+import itertools
+import shutil
+import subprocess
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpdl import kernels
+
+SHIM = r"""
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+#include <pthread.h>
+struct Dim { unsigned x, y, z; };
+extern "C" { Dim blockIdx, blockDim, gridDim; }
+static thread_local Dim threadIdx;
+#define __global__
+#define __device__
+#define __shared__ static
+// volatile rounds every result to float: no FMA contraction, as the _rn intrinsics on the GPU.
+static inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+static inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+static inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+static inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
+static inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, sizeof f); return f; }
+static inline float __fsqrt_rn(float a) { volatile float r = std::sqrt(a); return r; }
+static pthread_barrier_t block_barrier, warp_barrier[32];
+static float lanes[1024];
+extern "C" void emu_block(unsigned threads) {  // threads: a multiple of 32, at most 1024
+    pthread_barrier_init(&block_barrier, nullptr, threads);
+    for (unsigned w = 0; w < threads / 32; ++w) pthread_barrier_init(&warp_barrier[w], nullptr, 32);
+}
+extern "C" void emu_thread(unsigned x) { threadIdx = {x, 0, 0}; }
+static inline void __syncthreads() { pthread_barrier_wait(&block_barrier); }
+static inline float __shfl_xor_sync(unsigned, float v, int offset) {
+    const unsigned t = threadIdx.x;
+    lanes[t] = v;
+    pthread_barrier_wait(&warp_barrier[t / 32]);
+    const float r = lanes[t ^ offset];
+    pthread_barrier_wait(&warp_barrier[t / 32]);
+    return r;
+}
+"""
+HOST_FILES = ("bias_act", "optim_update", "im2col", "norm", "sum_squares", "softmax_xent")
+COOPERATIVE = ("norm", "sum_squares", "softmax_xent")
+CXX = shutil.which("g++")
+_CTYPES = {np.float32: ctypes.c_float, np.int32: ctypes.c_int, np.uint64: ctypes.c_size_t}
+
+
+class _Dim(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_uint), ("y", ctypes.c_uint), ("z", ctypes.c_uint)]
+
+
+class HostModule:
+    """A cupy.RawModule stand-in whose kernels run on the CPU; `launches` counts them by name."""
+
+    def __init__(self, lib: ctypes.CDLL, cooperative: bool, launches: Counter):
+        self.lib, self.cooperative, self.launches = lib, cooperative, launches
+        self.dims = {name: _Dim.in_dll(lib, name) for name in ("blockIdx", "blockDim", "gridDim")}
+
+    def get_function(self, name: str):
+        fn = getattr(self.lib, name)
+
+        def thread(tx: int, cargs) -> None:
+            self.lib.emu_thread(tx)
+            fn(*cargs)
+
+        def launch(grid, block, args):
+            self.launches[name] += 1
+            cargs = [ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else _CTYPES[type(a)](a)
+                     for a in args]
+            (gx, gy), bx = (tuple(grid) + (1,))[:2], block[0]
+            self.dims["gridDim"].x, self.dims["gridDim"].y, self.dims["blockDim"].x = gx, gy, bx
+            for by_, bx_ in itertools.product(range(gy), range(gx)):
+                self.dims["blockIdx"].x, self.dims["blockIdx"].y = bx_, by_
+                if not self.cooperative:
+                    for tx in range(bx):
+                        thread(tx, cargs)
+                    continue
+                self.lib.emu_block(bx)
+                threads = [threading.Thread(target=thread, args=(tx, cargs)) for tx in range(bx)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+        return launch
+
+
+def build(out: Path) -> dict[str, Path]:
+    """Compile every HOST_FILES source into a shared library under `out` (in parallel)."""
+    (out / "shim.h").write_text(SHIM)
+    procs = {name: subprocess.Popen([CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
+                                     "-include", str(out / "shim.h"), "-x", "c++",
+                                     str(kernels.KERNEL_DIR / f"{name}.cu"), "-o", str(out / f"{name}.so")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in HOST_FILES}
+    for name, proc in procs.items():
+        _, stderr = proc.communicate()
+        assert proc.returncode == 0, f"g++ failed on {name}.cu:\n{stderr}"
+    return {name: out / f"{name}.so" for name in HOST_FILES}
+
+
+def patch(libraries: dict[str, Path]) -> tuple[pytest.MonkeyPatch, Counter]:
+    """Route hpdl.kernels to the host builds; returns the patch (undo it after) and the launch counter."""
+    launches: Counter = Counter()
+    modules = {name: HostModule(ctypes.CDLL(str(path)), name in COOPERATIVE, launches)
+               for name, path in libraries.items()}
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(kernels, "load", modules.__getitem__)
+    monkey.setattr(kernels, "_use_kernel", lambda *arrays: all(a.dtype == np.float32 for a in arrays))
+    monkey.setattr(kernels, "_address", lambda a: a.ctypes.data)
+    monkey.setattr(kernels, "MAX_GRID", 3)
+    return monkey, launches
+
+
+class Patched:
+    """hpdl.kernels, patched: attribute access goes to the module; `launches` counts kernel runs."""
+
+    def __init__(self, launches: Counter):
+        self.launches = launches
+
+    def __getattr__(self, name: str):
+        return getattr(kernels, name)
+

@@ -1,0 +1,205 @@
+"""hpdl's optimizers, server rules, layers and training step run the fused kernels where a GPU
+would, and get what the NumPy path gets.
+
+The kernels are the kernels/*.cu sources built for the host (tests/hostkernels.py), so this
+runs without a GPU: hpdl.kernels then takes its kernel path for NumPy float32 arrays and
+counts launches by kernel name. Element-wise updates must equal the NumPy path bit for
+bit; outputs that involve a reduction must be as accurate as NumPy float32 against the
+float64 NumPy path (hpdl.kernels.float32_allowance).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+
+from hpdl import kernels
+from hpdl.algorithms.dcasgd import DcAsgdAdaptiveServer, DcAsgdServer
+from hpdl.algorithms.easgd import EasgdServer, easgd_sync_center, easgd_sync_worker
+from hpdl.layers import BatchNorm, Conv2d, Flatten, LayerNorm, Linear, ReLU
+from hpdl.layers.base import TRAIN
+from hpdl.optim import LAMB, LARS, SGD, AdamW
+from hpdl.optim.largebatch import squared_norms
+from hpdl.trainer import loss_and_grads
+
+
+@contextlib.contextmanager
+def numpy_path():
+    """Inside, hpdl.kernels takes the NumPy reference path again, whatever the fixture patched."""
+    with pytest.MonkeyPatch.context() as monkey:
+        monkey.setattr(kernels, "_use_kernel", lambda *arrays: False)
+        yield
+
+
+def _copy(params):
+    return [{k: v.copy() for k, v in p.items()} for p in params]
+
+
+def _assert_as_accurate(kernel, ref32, ref64, what: str, abs_sum=0.0) -> None:
+    """Each element's error against float64 is within kernels.float32_allowance."""
+    err = np.abs(np.asarray(kernel, np.float64) - np.asarray(ref64, np.float64))
+    allowed = np.broadcast_to(kernels.float32_allowance(ref32, ref64, abs_sum), err.shape)
+    assert (err <= allowed).all(), f"{what}: error {err.max():.3g} against float64, allowed {allowed.min():.3g}"
+
+
+def _linear_net(rng):
+    layers = [Linear(7, 5), Linear(5, 3)]
+    params = [layer.init(rng, np, np.float32) for layer in layers]
+    grads = [[{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in p.items()} for p in params]
+             for _ in range(3)]
+    return layers, params, grads
+
+
+@pytest.mark.parametrize("make", [lambda layers: SGD(layers, momentum=0.9, nesterov=True, weight_decay=0.01),
+                                  lambda layers: SGD(layers),
+                                  lambda layers: AdamW(layers, weight_decay=0.01)], ids=["sgd-nesterov", "sgd", "adamw"])
+def test_optimizers_launch_one_kernel_per_tensor(host_kernels, make):
+    """Three steps of SGD and AdamW launch their update kernel once per tensor and step, and leave
+    weights and state bit-identical to the NumPy path."""
+    layers, params, grads = _linear_net(np.random.default_rng(0))
+    ref_params = _copy(params)
+    opt, ref = make(layers), make(layers)
+    for lr, g in zip((0.1, 0.05, 0.02), grads):
+        opt.step(params, g, lr)
+        with numpy_path():
+            ref.step(ref_params, g, lr)
+    name = "adamw_update" if isinstance(opt, AdamW) else "sgd_update"
+    assert host_kernels.launches == {name: 3 * 4}
+    for mine, theirs in zip(params, ref_params):
+        for k in mine:
+            np.testing.assert_array_equal(mine[k], theirs[k])
+    for key in ref.state:
+        np.testing.assert_array_equal(opt.state[key], ref.state[key])
+
+
+@pytest.mark.parametrize("server_class", [DcAsgdServer, DcAsgdAdaptiveServer, EasgdServer])
+def test_server_rules_launch_their_kernels(host_kernels, server_class):
+    """DC-ASGD (both variants) and asynchronous EASGD servers apply each message with one kernel
+    launch, with weights, backups and replies bit-identical to the NumPy path."""
+    rng = np.random.default_rng(1)
+    w0 = rng.standard_normal(300).astype(np.float32)
+    server, ref = server_class(w0, 3), server_class(w0, 3)
+    for step, worker in enumerate([0, 2, 0, 1]):
+        message = rng.standard_normal(300).astype(np.float32)
+        reply = server.apply(worker, message, 0.1 / (1 + step)).copy()
+        with numpy_path():
+            np.testing.assert_array_equal(reply, ref.apply(worker, message, 0.1 / (1 + step)))
+    name = "easgd_elastic" if server_class is EasgdServer else "dcasgd_update"
+    assert host_kernels.launches == {name: 4}
+    for state in server_class._state_names:
+        np.testing.assert_array_equal(getattr(server, state), getattr(ref, state))
+
+
+def test_synchronous_easgd_halves_launch_their_kernels(host_kernels):
+    """The replica's and the centre's half of synchronous EASGD run as kernels, bit-identical to NumPy."""
+    rng = np.random.default_rng(2)
+    x, center, g, x_sum = (rng.standard_normal(500).astype(np.float32) for _ in range(4))
+    x_ref, center_ref = x.copy(), center.copy()
+    easgd_sync_worker(x, center, g, 0.05, 0.7)
+    easgd_sync_center(center, x_sum, 4, 0.05, 0.7)
+    with numpy_path():
+        easgd_sync_worker(x_ref, center_ref, g, 0.05, 0.7)
+        easgd_sync_center(center_ref, x_sum, 4, 0.05, 0.7)
+    assert host_kernels.launches == {"easgd_sync_worker": 1, "easgd_sync_center": 1}
+    np.testing.assert_array_equal(x, x_ref)
+    np.testing.assert_array_equal(center, center_ref)
+
+
+@pytest.mark.parametrize("layer,shape", [(LayerNorm(33), (6, 33)), (BatchNorm(4), (5, 4, 3, 3)),
+                                         (BatchNorm(6), (9, 6))], ids=["layernorm", "batchnorm2d", "batchnorm1d"])
+def test_norm_layers_run_their_kernels(host_kernels, layer, shape):
+    """LayerNorm and training-mode BatchNorm run forward and backward as kernels, as accurate as
+    NumPy float32 in every output, cache entry, gradient and running statistic."""
+    rng = np.random.default_rng(3)
+    params = layer.init(rng, np, np.float32)
+    for name in layer.trainable:
+        params[name] += rng.standard_normal(params[name].shape).astype(np.float32)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+
+    def run(p, x, dy):
+        y, cache = layer.forward(p, x, TRAIN)
+        dx, grads = layer.backward(p, cache, dy)
+        return [y, cache[0], cache[1], dx, *grads.values(), *(p[k] for k in p if k not in layer.trainable)]
+
+    outputs = run({k: v.copy() for k, v in params.items()}, x, dy)
+    with numpy_path():
+        ref32 = run({k: v.copy() for k, v in params.items()}, x, dy)
+        ref64 = run({k: v.astype(np.float64) for k, v in params.items()}, x.astype(np.float64), dy.astype(np.float64))
+    kind = "layernorm" if isinstance(layer, LayerNorm) else "batchnorm"
+    assert host_kernels.launches[f"{kind}_forward"] == 1 and host_kernels.launches[f"{kind}_backward"] == 1
+    # dgamma and dbeta are sums over the rows of dy xhat and dy.
+    rows = dy.reshape(-1, shape[-1]) if kind == "layernorm" else np.moveaxis(dy, 1, -1).reshape(-1, shape[1])
+    for i, (mine, r32, r64) in enumerate(zip(outputs, ref32, ref64)):
+        _assert_as_accurate(mine, r32, r64, f"{kind} output {i}", abs_sum=np.abs(rows).sum(axis=0).max() * 8
+                            if i in (4, 5) else 0.0)
+
+
+def test_trust_ratios_and_layer_norms_take_one_sum_squares_pass(host_kernels, monkeypatch):
+    """LARS and LAMB take every trust-ratio norm of a step, and LENA/AdaScale's squared_norms every
+    layer's, from one sum_squares pass (two launches), as accurate as NumPy float32."""
+    monkeypatch.setattr(kernels, "MAX_GRID", 65535)   # one grid row per tensor: a pass covers them all
+    layers, params, grads = _linear_net(np.random.default_rng(4))
+    for make in (lambda: LARS(layers, weight_decay=0.01), lambda: LAMB(layers, weight_decay=0.01)):
+        host_kernels.launches.clear()
+        mine, ref32, ref64 = make(), make(), make()
+        p, p32, p64 = _copy(params), _copy(params), [{k: v.astype(np.float64) for k, v in q.items()} for q in params]
+        mine.step(p, grads[0], 0.1)
+        with numpy_path():
+            ref32.step(p32, grads[0], 0.1)
+            ref64.step(p64, [{k: v.astype(np.float64) for k, v in q.items()} for q in grads[0]], 0.1)
+        assert host_kernels.launches["sum_squares_partial"] == 1 and host_kernels.launches["sum_squares_finish"] == 1
+        assert set(mine.trust) == {"0/W", "1/W"}
+        for key in mine.trust:
+            _assert_as_accurate(mine.trust[key], ref32.trust[key], ref64.trust[key], f"{type(mine).__name__} {key}")
+    host_kernels.launches.clear()
+    sq = squared_norms(layers, grads[1])
+    with numpy_path():
+        sq32 = squared_norms(layers, grads[1])
+        sq64 = squared_norms(layers, [{k: v.astype(np.float64) for k, v in g.items()} for g in grads[1]])
+    assert host_kernels.launches == {"sum_squares_partial": 1, "sum_squares_finish": 1}
+    _assert_as_accurate(sq, sq32, sq64, "squared_norms", abs_sum=sq64)
+
+
+def test_a_training_step_runs_on_the_kernels(host_kernels):
+    """Two steps of a convolutional net with BatchNorm and LayerNorm (loss_and_grads, then SGD
+    momentum) launch the loss, normalization and update kernels, and end with weights as
+    accurate as the NumPy float32 path's against float64."""
+    layers = [Conv2d(1, 4, 3, pad=1, winograd=False), BatchNorm(4), ReLU(), Flatten(), Linear(4 * 6 * 6, 16),
+              LayerNorm(16), ReLU(), Linear(16, 10)]
+    rng = np.random.default_rng(5)
+    params = [layer.init(rng, np, np.float32) for layer in layers]
+    x = rng.standard_normal((2, 6, 1, 6, 6)).astype(np.float32)
+    y = rng.integers(0, 10, (2, 6))
+
+    def train(params, dtype):
+        params = [{k: v.astype(dtype) for k, v in p.items()} for p in params]
+        opt = SGD(layers, momentum=0.9, weight_decay=1e-3)
+        for step in range(2):
+            _, grads = loss_and_grads(layers, params, x[step].astype(dtype), y[step], (0, step))
+            opt.step(params, grads, 0.1)
+        return params
+
+    mine = train(params, np.float32)
+    with numpy_path():
+        ref32, ref64 = train(params, np.float32), train(params, np.float64)
+    steps_x_tensors = 2 * sum(len(layer.trainable) for layer in layers)
+    assert host_kernels.launches["sgd_update"] == steps_x_tensors
+    for name in ("softmax_xent", "batchnorm_forward", "batchnorm_backward", "layernorm_forward", "layernorm_backward"):
+        assert host_kernels.launches[name] == 2, name
+    for i, (p, p32, p64) in enumerate(zip(mine, ref32, ref64)):
+        for k in p:
+            _assert_as_accurate(p[k], p32[k], p64[k], f"layer {i} {k}")
+
+
+def test_sum_squares_takes_tensors_beyond_one_grid(host_kernels):
+    """More tensors than grid rows (MAX_GRID is 3 here) are summed in passes of MAX_GRID, in order."""
+    rng = np.random.default_rng(6)
+    tensors = [rng.standard_normal(n).astype(np.float32) for n in (1, 40, 7, 300, 2, 0, 1000)]
+    sums = kernels.sum_squares(tensors)
+    assert host_kernels.launches == {"sum_squares_partial": 3, "sum_squares_finish": 3}
+    with numpy_path():
+        for got, t in zip(sums, tensors):
+            _assert_as_accurate(got, kernels.sum_squares([t]), kernels.sum_squares([t.astype(np.float64)]),
+                                f"{t.size} elements", abs_sum=float(np.sum(t.astype(np.float64) ** 2)))
