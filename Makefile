@@ -14,12 +14,13 @@ MPI_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 # cannot), submit every script and wait for it; bounded too.
 SLURM_TIMEOUT ?= 900
 
-.PHONY: run test test-unit test-mpi test-slurm data bench clean help
+.PHONY: run test test-unit test-mpi test-slurm test-gpu data bench clean help
 
 help:
 	@echo "make run    set up .venv, prepare MNIST, train the default model (mlp)"
 	@echo "make test   set up .venv and run the whole test suite (unit + MPI + Slurm job scripts)"
 	@echo "make bench  install the benchmark extras (matplotlib, PyTorch CPU) and run the benchmarks"
+	@echo "make test-gpu PY=...  on a CUDA machine: the gpu tests, then the end-to-end runs with --device gpu"
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +47,15 @@ test-mpi: $(VENV)/.installed
 
 test-slurm: $(VENV)/.installed
 	$(MPI_ENV) timeout -k 10 $(SLURM_TIMEOUT) $(PY) -m pytest -q -m slurm -p no:cacheprovider tests/slurm
+
+# On a CUDA machine, with a Python that has cupy and hpdl's requirements (no venv is made: such
+# machines may be offline): the `gpu` tests, then the single-process, pipeline and parameter-server
+# runs of hpdl.train end to end with --device gpu (their ranks sharing the GPU).
+GPU_E2E := tests/unit/test_train.py tests/unit/test_mpi_cli.py tests/unit/test_ps_cli.py \
+	tests/unit/test_precision.py tests/unit/test_nonfinite.py tests/unit/test_resume_cli.py
+test-gpu:
+	$(PY) -m pytest -q -m gpu -p no:cacheprovider tests/gpu
+	HPDL_DEVICE=gpu $(MPI_ENV) $(PY) -m pytest -q -p no:cacheprovider $(GPU_E2E)
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q torch==2.13.0

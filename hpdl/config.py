@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ LAMB_LR = 1e-3  # You et al. 2019's default; the models' defaults are SGD rates
 
 MAX_THREADS = 4096  # BLAS libraries take an int; beyond any node's cores anyway
 MAX_FLOPS = 1e12    # forward FLOPs per sample of the largest model the options may build
+
+
+DEVICE_ENV = "HPDL_DEVICE"   # a default --device for every run of a job or a test session (cluster scripts, make test-gpu)
 
 
 class ConfigError(ValueError):
@@ -64,7 +68,7 @@ class Config:
                                 "(adascale, lena; 0: S/1000 as in their papers)")
     seed: int = opt(0, "seed of initialization, shuffling and dropout")
     # execution
-    device: str = opt("cpu", "array backend", ("cpu", "gpu", "auto"))
+    device: str = opt("cpu", f"array backend; ${DEVICE_ENV}, when set, replaces the default", ("cpu", "gpu", "auto"))
     dtype: str = opt("float32", "floating-point type", ("float32", "float64"))
     precision: str = opt("fp32", "matrix products of Linear and Conv2d: 'fp32' in float32; 'tf32' on a GPU with "
                          "TF32 tensor cores (10-bit mantissa inputs, float32 accumulation; on the CPU the same as "
@@ -232,6 +236,12 @@ def make_config(argv: list[str] | None = None) -> Config:
             else:
                 values[key] = _check_type(key, value, getattr(defaults, key), path)
     args.pop("config", None)
+    if os.environ.get(DEVICE_ENV):   # under YAML and flags, over the built-in default
+        device = os.environ[DEVICE_ENV]
+        choices = next(f for f in _fields() if f.name == "device").metadata["choices"]
+        if device not in choices:
+            raise ConfigError(f"{DEVICE_ENV} must be one of {', '.join(choices)}, got {device!r}")
+        values.setdefault("device", device)
     values.update(args)
     values["hyper"] = {**values.get("hyper", {}), **hyper, **registry.given_hyper(parsed)}
     cfg = Config(**values)

@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+from hpdl.backend import gpu_available
 from hpdl.train import main
 
 
@@ -77,3 +78,20 @@ def test_yaml_config_and_flag_override(mnist_h5, tmp_path, capsys):
     cfg.write_text("learning_rate: 0.1\n")
     code, _, err = run(["--config", str(cfg)], capsys)
     assert code == 2 and "unknown option 'learning_rate'" in err
+
+
+@pytest.mark.skipif(gpu_available(), reason="checks the error of --device gpu on a machine without a GPU")
+def test_hpdl_device_replaces_the_default_device(mnist_h5, tmp_path, monkeypatch, capsys):
+    """HPDL_DEVICE sets --device's default (a bad value is a one-line error); YAML and flags still win."""
+    args = ["--data", str(mnist_h5), "--max-steps", "1", "--no-progress"]
+    monkeypatch.setenv("HPDL_DEVICE", "bogus")
+    code, _, err = run(args, capsys)
+    assert code == 2 and err.strip() == "hpdl.train: error: HPDL_DEVICE must be one of cpu, gpu, auto, got 'bogus'"
+    monkeypatch.setenv("HPDL_DEVICE", "gpu")
+    code, _, err = run(args, capsys)
+    assert code == 2 and err.strip().startswith("hpdl.train: error: --device gpu: no CUDA device found")
+    yaml_file = tmp_path / "cpu.yaml"
+    yaml_file.write_text("device: cpu\n")
+    for override in (["--device", "cpu"], ["--config", str(yaml_file)]):
+        code, out, _ = run(args + override, capsys)
+        assert code == 0 and result_of(out)["steps"] == 1
