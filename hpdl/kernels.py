@@ -227,20 +227,44 @@ def _written(*arrays) -> None:
             raise ValueError(f"arrays updated in place must be C-contiguous, got strides {a.strides}")
 
 
+_NO_HALT: dict = {}   # a zero halt flag per array module and device, for updates nobody halts
+
+
+def _halt(halt, w):
+    """The update kernels' halt flag: the caller's, or a shared zero on w's device."""
+    if halt is not None:
+        if halt.shape != (1,) or halt.dtype != np.float32:
+            raise ValueError(f"halt must be a float32 array of shape (1,), got {halt.dtype} {halt.shape}")
+        return halt
+    xp = array_module(w)
+    key = (xp.__name__, -1 if xp is np else xp.cuda.Device().id)
+    if key not in _NO_HALT:
+        _NO_HALT[key] = xp.zeros(1, dtype=np.float32)
+    return _NO_HALT[key]
+
+
+def _halted(halt) -> bool:
+    """The reference path's reading of a halt flag (a host read where the flag is on a GPU)."""
+    return halt is not None and bool(halt[0] != 0)
+
+
 def _launch_flat(kernel, n: int, *args) -> None:
     """Run an element-wise kernel over n elements with a grid-stride launch."""
     kernel(_grid_flat(n), (ELEMENTWISE_BLOCK,), args)
 
 
 def sgd_update_ref(w, g, lr: float, wd: float = 0.0, momentum: float = 0.0, nesterov: bool = False,
-                   buf=None, first: bool = False) -> None:
+                   buf=None, first: bool = False, halt=None) -> None:
     """One tensor's step of hpdl.optim.SGD, in place on w and buf:
 
         d = w wd + g  (wd != 0);  buf = d on the first step, else buf mu + d;
         d = buf mu + d  (Nesterov)  or  d = buf;  w -= lr d
 
     buf: the momentum buffer, required when momentum != 0 and overwritten when `first`.
+    halt: None, or a float32 flag of shape (1,); non-zero leaves w and buf as they are.
     """
+    if _halted(halt):
+        return
     d = g
     if wd:
         d = w * wd
@@ -261,29 +285,33 @@ def sgd_update_ref(w, g, lr: float, wd: float = 0.0, momentum: float = 0.0, nest
 
 
 def sgd_update(w, g, lr: float, wd: float = 0.0, momentum: float = 0.0, nesterov: bool = False,
-               buf=None, first: bool = False) -> None:
+               buf=None, first: bool = False, halt=None) -> None:
     """sgd_update_ref in one kernel launch on the GPU."""
     if momentum and buf is None:
         raise ValueError("SGD with momentum needs its buffer: pass buf")
     buf = buf if momentum else None
     _check_same(w, g, buf)
-    if not _use_kernel(*(a for a in (w, g, buf) if a is not None)):
-        return sgd_update_ref(w, g, lr, wd, momentum, nesterov, buf, first)
+    if not _use_kernel(*(a for a in (w, g, buf, halt) if a is not None)):
+        return sgd_update_ref(w, g, lr, wd, momentum, nesterov, buf, first, halt)
     _written(w, buf)
     g = array_module(g).ascontiguousarray(g)
     _launch_flat(load("optim_update").get_function("sgd_update"),
                  w.size, w, g, w if buf is None else buf, np.uint64(w.size),
                  np.float32(lr), np.float32(wd), np.float32(momentum), np.int32(nesterov),
-                 np.int32(first))
+                 np.int32(first), _halt(halt, w))
 
 
 def adamw_update_ref(w, g, m, v, lr: float, step: int, wd: float = 0.0,
-                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, halt=None) -> None:
     """One tensor's step of hpdl.optim.AdamW at step t = `step` (1 on the first), in place:
 
         w *= 1 - lr wd;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
         w -= lr / (1-b1^t) * m / (sqrt(v) / sqrt(1-b2^t) + eps)
+
+    halt: as for sgd_update_ref.
     """
+    if _halted(halt):
+        return
     xp = array_module(w)
     b1, b2 = betas
     if wd:
@@ -304,13 +332,13 @@ def adamw_update_ref(w, g, m, v, lr: float, step: int, wd: float = 0.0,
 
 
 def adamw_update(w, g, m, v, lr: float, step: int, wd: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, halt=None) -> None:
     """adamw_update_ref in one kernel launch on the GPU (12 CuPy launches in the reference)."""
     if step < 1:
         raise ValueError(f"AdamW steps count from 1, got {step}")
     _check_same(w, g, m, v)
-    if not _use_kernel(w, g, m, v):
-        return adamw_update_ref(w, g, m, v, lr, step, wd, betas, eps)
+    if not _use_kernel(*(a for a in (w, g, m, v, halt) if a is not None)):
+        return adamw_update_ref(w, g, m, v, lr, step, wd, betas, eps, halt)
     _written(w, m, v)
     g = array_module(g).ascontiguousarray(g)
     b1, b2 = betas
@@ -318,7 +346,7 @@ def adamw_update(w, g, m, v, lr: float, step: int, wd: float = 0.0,
     _launch_flat(load("optim_update").get_function("adamw_update"),
                  w.size, w, g, m, v, np.uint64(w.size), f(1.0 - lr * wd),
                  np.int32(bool(wd)), f(b1), f(1.0 - b1), f(b2), f(1.0 - b2),
-                 f(math.sqrt(1.0 - b2 ** step)), f(eps), f(lr / (1.0 - b1 ** step)))
+                 f(math.sqrt(1.0 - b2 ** step)), f(eps), f(lr / (1.0 - b1 ** step)), _halt(halt, w))
 
 
 def dcasgd_update_ref(w, backup, g, lr: float, lambda_dc: float, ms=None,

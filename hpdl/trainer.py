@@ -192,9 +192,18 @@ class Run:
         return True
 
 
+def device_checks(run: Run) -> bool:
+    """Whether the optimizer checks gradients on the device (Optimizer.check_on_device): on a GPU,
+    where a per-step read-back would make the host wait for every backward pass, unless an fp16
+    loss scaler or --on-nonfinite skip needs each step's verdict on the host."""
+    return run.backend.is_gpu and run.scaler is None and run.optimizer.halts and run.cfg.on_nonfinite == "stop"
+
+
 def train_local(cfg: Config, backend: Backend) -> dict:
     """Train in one process; returns the RESULT record."""
     run = Run.build(cfg, backend)
+    if device_checks(run):
+        run.optimizer.check_on_device()
     threads = RowThreads(row_blocks(cfg.thread_split, run.model.layers, cfg.threads or default_threads(),
                                     backend.device))
     try:
@@ -223,6 +232,7 @@ def _train(run: Run, threads: RowThreads) -> dict:
     def test(epoch: float) -> tuple[float, float]:
         """Evaluate on the test set, off the training clock."""
         nonlocal train_time, t0
+        run.optimizer.settle()
         backend.synchronize()
         train_time += time.perf_counter() - t0
         result = evaluate(layers, params, run.test, threads)
@@ -259,6 +269,7 @@ def _train(run: Run, threads: RowThreads) -> dict:
             if cfg.lr_method != "none":
                 metrics.write(kind="lr", step=run.step, **lr_record(layers, run.lr_method, run.optimizer))
             if run.step % cfg.log_every == 0:
+                run.optimizer.settle()
                 loss = float(loss)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 metrics.write(kind="train", step=run.step, epoch=epoch, loss=loss, lr=max(lr),

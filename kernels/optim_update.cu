@@ -12,13 +12,18 @@
 //
 // All arrays: n elements, any shape, C-contiguous. Launch: a 1-D grid of any size; the
 // grid-stride loops cover the rest.
+//
+// halt (SGD, AdamW): one float on the device; non-zero leaves every array untouched. The
+// optimizer's gradient check writes it on the device, so a refused update costs the host
+// no read-back (hpdl/optim/base.py, defer_check).
 
 // SGD as hpdl/optim/sgd.py (torch.optim.SGD without dampening), in place:
 //   d = w wd + g  (wd != 0);  buf = d (first step) or buf mu + d;
 //   d = buf mu + d (Nesterov) or buf;  w = w - lr d
 // mu == 0: no momentum, buf is never touched (any pointer will do).
 extern "C" __global__ void sgd_update(float* w, const float* g, float* buf, size_t n, float lr,
-                                      float wd, float mu, int nesterov, int first) {
+                                      float wd, float mu, int nesterov, int first, const float* halt) {
+    if (*halt != 0.0f) return;
     for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
          k += (size_t)blockDim.x * gridDim.x) {
         float wk = w[k];
@@ -40,7 +45,8 @@ extern "C" __global__ void sgd_update(float* w, const float* g, float* buf, size
 extern "C" __global__ void adamw_update(float* w, const float* g, float* m, float* v, size_t n,
                                         float decay, int apply_decay, float b1, float c1,
                                         float b2, float c2, float bc2, float eps,
-                                        float step_size) {
+                                        float step_size, const float* halt) {
+    if (*halt != 0.0f) return;
     for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
          k += (size_t)blockDim.x * gridDim.x) {
         float wk = w[k], gk = g[k];

@@ -16,6 +16,7 @@ class AdamW(Optimizer):
     """
 
     slots = ("exp_avg", "exp_avg_sq")
+    halts = True
 
     def __init__(self, layers: Sequence[Layer], betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01,
@@ -32,4 +33,4 @@ class AdamW(Optimizer):
     def _update(self, key: str, w, g, lr: float, wd: float) -> None:
         # One fused kernel on the GPU (kernels/optim_update.cu), its NumPy oracle elsewhere.
         adamw_update(w, g, self._zeros(f"{key}/exp_avg", w), self._zeros(f"{key}/exp_avg_sq", w), lr,
-                         self.steps, wd, self.betas, self.eps)
+                     self.steps, wd, self.betas, self.eps, self._halt)

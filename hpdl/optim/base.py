@@ -1,6 +1,7 @@
 """Optimizer base: one parameter group per layer, lazily created state, flat state names."""
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 from collections.abc import Sequence
@@ -28,9 +29,17 @@ class Optimizer:
     `on_nonfinite` "stop" (the default) it raises NonFiniteError naming the step and the
     layers, with "skip" it leaves parameters and state as they were, counts the step in
     `skipped` and prints a warning line naming them.
+
+    Deciding that on the host costs a read-back per step, which on a GPU makes the host
+    wait for the backward pass. After `check_on_device()` (rules with `halts`, "stop"
+    only) the gradients are checked on the device instead: a device flag halts this and
+    every later update inside the update kernels, and `settle()`, called where the host
+    reads the device anyway (log lines, evaluation, checkpoints, the end), raises the
+    NonFiniteError for the step that set it.
     """
 
     slots: tuple[str, ...] = ()
+    halts = False  # True where _update hands self._halt to an update that honours it
 
     def __init__(self, layers: Sequence[Layer], weight_decay: float = 0.0,
                  lr_scale: Sequence[float] | None = None,
@@ -52,6 +61,21 @@ class Optimizer:
         self.first_layer = 0  # model index of layers[0], for messages (a pipeline stage's first layer)
         self.state: dict[str, Any] = {}            # key -> xp array on the params' device
         self._restored: dict[str, np.ndarray] = {}  # host arrays awaiting their first step
+        self._on_device = False
+        self._halt = None        # device (1,) float32, non-zero once an update was refused (check_on_device)
+        self._refused_at = None  # device (1,) int64: the step whose gradients set it, 0 while none did
+
+    def check_on_device(self) -> None:
+        """Check gradients on the device from now on; the verdict reaches the host in `settle()`."""
+        if not self.halts or self.on_nonfinite != "stop":
+            raise ValueError(f"{type(self).__name__} with on_nonfinite={self.on_nonfinite!r} cannot halt its "
+                             "updates on the device")
+        self._on_device = True
+
+    def settle(self) -> None:
+        """Read the device checks' verdict (one host read): NonFiniteError if an update was refused."""
+        if self._refused_at is not None and (step := int(to_host(self._refused_at)[0])):
+            raise NonFiniteError(describe(step, ["the gradients (checked on the device: layers not named)"]))
 
     def step(self, params: list[Params], grads: list[dict[str, Any]], lr: Rate) -> None:
         """Update `params` in place from `grads`, which are only read."""
@@ -60,12 +84,29 @@ class Optimizer:
             raise ValueError(f"optimizer built for {n} layers got {len(params)} parameter "
                              f"and {len(grads)} gradient dicts")
         rates = self._rates(lr)
-        found = nonfinite_layers(self.layers, grads, rates, self.first_layer)
-        if found:
+        if self._on_device and all(math.isfinite(r) for r in rates):
+            self._check_gradients_on_device(grads)
+        elif found := nonfinite_layers(self.layers, grads, rates, self.first_layer):
             self._refuse(found)
             return
         self.steps += 1
         self._update_all(params, grads, rates)
+
+    def _check_gradients_on_device(self, grads: list[dict[str, Any]]) -> None:
+        """Set the halt flag, with no host read, if a gradient holds a NaN or Inf."""
+        tensors = [g for layer_grads in grads for g in layer_grads.values()]
+        if not tensors:
+            return
+        xp = array_module(tensors[0])
+        if self._halt is None:
+            self._halt, self._refused_at = xp.zeros(1, dtype=np.float32), xp.zeros(1, dtype=np.int64)
+        finite = xp.isfinite(tensors[0]).all()
+        for g in tensors[1:]:
+            finite = finite & xp.isfinite(g).all()
+        refused = ~finite
+        # Only the first refusal is recorded: the flag halts every update after it anyway.
+        xp.copyto(self._refused_at, self.steps + self.skipped + 1, where=refused & (self._halt == 0))
+        xp.maximum(self._halt, refused, out=self._halt)
 
     def _update_all(self, params: list[Params], grads: list[dict[str, Any]], rates: list[float]) -> None:
         """Apply the rule to every trainable tensor; rules that need all tensors first override this."""
@@ -102,7 +143,9 @@ class Optimizer:
         return buf
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """A host snapshot of the state: later steps do not change it."""
+        """A host snapshot of the state: later steps do not change it. A refused update
+        (check_on_device) raises here rather than be checkpointed as if it had been checked."""
+        self.settle()
         out = {key: host.copy() for key, host in self._restored.items()}
         out.update({key: _host_copy(buf) for key, buf in self.state.items()})
         out["step"] = np.array(self.steps, dtype=np.int64)

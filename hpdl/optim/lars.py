@@ -47,6 +47,8 @@ class LARS(SGD):
     Bias and normalization tensors (the layers' `no_decay` names) keep local = 1 and no decay.
     """
 
+    halts = False  # its update is not SGD's kernel
+
     def __init__(self, layers: Sequence[Layer], momentum: float = 0.9, eta: float = 0.001,
                  eps: float = 1e-8, weight_decay: float = 0.0,
                  lr_scale: Sequence[float] | None = None, wd_scale: Sequence[float] | None = None):

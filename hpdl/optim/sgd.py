@@ -16,6 +16,8 @@ class SGD(Optimizer):
         d = d + mu b  (Nesterov)  or  d = b;  w -= lr d
     """
 
+    halts = True
+
     def __init__(self, layers: Sequence[Layer], momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, lr_scale: Sequence[float] | None = None,
                  wd_scale: Sequence[float] | None = None):
@@ -33,13 +35,13 @@ class SGD(Optimizer):
         buf, first = None, False
         if self.momentum:
             buf, first = self._momentum_buffer(f"{key}/momentum", w)
-        sgd_update(w, g, lr, wd, self.momentum, self.nesterov, buf, first)
+        sgd_update(w, g, lr, wd, self.momentum, self.nesterov, buf, first, self._halt)
 
     def _momentum_buffer(self, key: str, w):
-        """(buffer, first): the momentum buffer, and whether this is its first step (it is then
-        uninitialized, and the update overwrites it)."""
+        """(buffer, first): the momentum buffer, and whether this is its first step (the update
+        then overwrites it; zeros until then, so a halted first update leaves a valid buffer)."""
         buf = self._buffer(key, w)
         if buf is not None:
             return buf, False
-        buf = self.state[key] = array_module(w).empty_like(w)
+        buf = self.state[key] = array_module(w).zeros_like(w)
         return buf, True

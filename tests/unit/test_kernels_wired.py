@@ -20,6 +20,8 @@ from hpdl.algorithms.easgd import EasgdServer, easgd_sync_center, easgd_sync_wor
 from hpdl.layers import BatchNorm, Conv2d, Flatten, LayerNorm, Linear, ReLU
 from hpdl.layers.base import TRAIN
 from hpdl.optim import LAMB, LARS, SGD, AdamW
+from hpdl.optim import base as optim_base
+from hpdl.optim import largebatch, lars
 from hpdl.optim.largebatch import squared_norms
 from hpdl.trainer import loss_and_grads
 
@@ -41,6 +43,56 @@ def _assert_as_accurate(kernel, ref32, ref64, what: str, abs_sum=0.0) -> None:
     err = np.abs(np.asarray(kernel, np.float64) - np.asarray(ref64, np.float64))
     allowed = np.broadcast_to(kernels.float32_allowance(ref32, ref64, abs_sum), err.shape)
     assert (err <= allowed).all(), f"{what}: error {err.max():.3g} against float64, allowed {allowed.min():.3g}"
+
+
+class DeviceLike(np.ndarray):
+    """NumPy arrays that read back as CuPy's do: a reduction stays a 0-d array, and each conversion
+    to a Python number or list (float, int, bool, item, tolist), which on a GPU is a copy to the
+    host that waits for the device, is counted in `reads`. Results of ufuncs on a DeviceLike are
+    DeviceLike; `device_like_numpy` makes numpy's allocators return them too."""
+
+    reads = 0
+
+    def __array_wrap__(self, obj, context=None, return_scalar=False):
+        return np.asarray(obj).view(DeviceLike)
+
+    def __getitem__(self, key):
+        out = super().__getitem__(key)   # an element stays a 0-d array, as in CuPy
+        return out if isinstance(out, np.ndarray) else np.asarray(out).view(DeviceLike)
+
+    def _read(self) -> np.ndarray:
+        DeviceLike.reads += 1
+        return self.view(np.ndarray)
+
+    def __float__(self):
+        return float(self._read())
+
+    def __int__(self):
+        return int(self._read())
+
+    def __bool__(self):
+        return bool(self._read())
+
+    def item(self, *args):
+        return self._read().item(*args)
+
+    def tolist(self):
+        return self._read().tolist()
+
+
+def device_like_numpy(monkeypatch) -> None:
+    """numpy.empty, zeros and ascontiguousarray return DeviceLike arrays, so that every array a
+    step allocates (kernel outputs, scratch buffers, optimizer state) counts its reads too; and
+    the optimizers' explicit copies to the host (backend.to_host) count as reads."""
+    for name in ("empty", "zeros", "ascontiguousarray"):
+        monkeypatch.setattr(np, name, lambda *a, _f=getattr(np, name), **k: _f(*a, **k).view(DeviceLike))
+
+    def to_host(a):
+        DeviceLike.reads += 1
+        return np.asarray(a).view(np.ndarray)
+
+    for module in (optim_base, lars, largebatch):
+        monkeypatch.setattr(module, "to_host", to_host)
 
 
 def _linear_net(rng):
@@ -162,16 +214,19 @@ def test_trust_ratios_and_layer_norms_take_one_sum_squares_pass(host_kernels, mo
     _assert_as_accurate(sq, sq32, sq64, "squared_norms", abs_sum=sq64)
 
 
+def _conv_net(rng):
+    """A convolutional net with BatchNorm and LayerNorm, its parameters, and two batches."""
+    layers = [Conv2d(1, 4, 3, pad=1, winograd=False), BatchNorm(4), ReLU(), Flatten(), Linear(4 * 6 * 6, 16),
+              LayerNorm(16), ReLU(), Linear(16, 10)]
+    params = [layer.init(rng, np, np.float32) for layer in layers]
+    return layers, params, rng.standard_normal((2, 6, 1, 6, 6)).astype(np.float32), rng.integers(0, 10, (2, 6))
+
+
 def test_a_training_step_runs_on_the_kernels(host_kernels):
     """Two steps of a convolutional net with BatchNorm and LayerNorm (loss_and_grads, then SGD
     momentum) launch the loss, normalization and update kernels, and end with weights as
     accurate as the NumPy float32 path's against float64."""
-    layers = [Conv2d(1, 4, 3, pad=1, winograd=False), BatchNorm(4), ReLU(), Flatten(), Linear(4 * 6 * 6, 16),
-              LayerNorm(16), ReLU(), Linear(16, 10)]
-    rng = np.random.default_rng(5)
-    params = [layer.init(rng, np, np.float32) for layer in layers]
-    x = rng.standard_normal((2, 6, 1, 6, 6)).astype(np.float32)
-    y = rng.integers(0, 10, (2, 6))
+    layers, params, x, y = _conv_net(np.random.default_rng(5))
 
     def train(params, dtype):
         params = [{k: v.astype(dtype) for k, v in p.items()} for p in params]
@@ -203,3 +258,46 @@ def test_sum_squares_takes_tensors_beyond_one_grid(host_kernels):
         for got, t in zip(sums, tensors):
             _assert_as_accurate(got, kernels.sum_squares([t]), kernels.sum_squares([t.astype(np.float64)]),
                                 f"{t.size} elements", abs_sum=float(np.sum(t.astype(np.float64) ** 2)))
+
+
+@pytest.mark.parametrize("make", [lambda layers: SGD(layers, momentum=0.9), lambda layers: AdamW(layers)],
+                         ids=["sgd", "adamw"])
+def test_update_kernels_honour_the_device_halt_flag(host_kernels, make):
+    """With check_on_device, the update kernels still launch after a NaN gradient but change nothing:
+    weights and state stay bit-identical to those after the last clean step."""
+    layers, params, grads = _linear_net(np.random.default_rng(7))
+    ref_params = _copy(params)
+    opt, ref = make(layers), make(layers)
+    opt.check_on_device()
+    grads[1][0]["W"][2, 1] = np.inf
+    for lr, g in zip((0.1, 0.05, 0.02), grads):
+        opt.step(params, g, lr)
+    with numpy_path():
+        ref.step(ref_params, grads[0], 0.1)
+    assert sum(host_kernels.launches.values()) == 3 * 4
+    for mine, theirs in zip(params, ref_params):
+        for k in mine:
+            np.testing.assert_array_equal(mine[k], theirs[k])
+    for key in ref.state:
+        np.testing.assert_array_equal(opt.state[key], ref.state[key])
+
+
+def test_a_training_step_reads_nothing_back_to_the_host(host_kernels, monkeypatch):
+    """On the kernel path, with the gradient check on the device (as GPU runs do), two steps of
+    loss_and_grads and SGD momentum convert no device value to a host number; the host-side
+    check reads exactly one per step."""
+    layers, params, x, y = _conv_net(np.random.default_rng(8))
+    device_like_numpy(monkeypatch)
+    for check_on_device, reads_per_step in ((True, 0), (False, 1)):
+        step_params = [{k: v.copy().view(DeviceLike) for k, v in p.items()} for p in params]
+        opt = SGD(layers, momentum=0.9)
+        if check_on_device:
+            opt.check_on_device()
+        DeviceLike.reads = 0
+        for step in range(2):
+            _, grads = loss_and_grads(layers, step_params, x[step].view(DeviceLike), y[step].view(DeviceLike),
+                                      (0, step))
+            opt.step(step_params, grads, 0.1)
+        assert DeviceLike.reads == 2 * reads_per_step, f"check_on_device={check_on_device}"
+        assert host_kernels.launches["sgd_update"] > 0
+        opt.settle()

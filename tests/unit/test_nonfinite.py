@@ -244,3 +244,49 @@ def test_skip_keeps_replicas_in_step(tiny_h5):
     assert json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("RESULT "))["steps"] == 6
     # Counted in the whole text: two ranks' lines can interleave within one line of mpirun's output.
     assert proc.stderr.count("warning: non-finite") == proc.stderr.count("update skipped") == 2 * 5
+
+
+# -- the check on the device (GPU runs): no read-back per step, the verdict read in settle() --------
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_device_check_halts_every_update_from_the_refused_one(name):
+    """With check_on_device, a NaN gradient at step 3 leaves parameters and state as after step 2 for
+    that and every later step, and settle() (and state_dict) then raise naming step 3."""
+    layers, params, opt = setup(name)
+    _, ref_params, ref = setup(name)
+    opt.check_on_device()
+    for step in range(5):
+        grads = gradients(layers, params, step)
+        if step == 2:
+            grads[1]["W"][0, 0] = np.nan
+        opt.step(params, grads, 0.01)
+        if step < 2:
+            ref.step(ref_params, grads, 0.01)
+            opt.settle()   # nothing refused yet
+    assert_same((params, {k: v for k, v in opt.state.items()}), (ref_params, dict(ref.state)))
+    for read in (opt.settle, opt.state_dict):
+        with pytest.raises(NonFiniteError, match=r"^non-finite update at step 3: NaN or Inf in the gradients"):
+            read()
+
+
+def test_device_check_needs_a_halting_rule_and_stop():
+    """LARS and LAMB (their updates are not the halting kernels) and --on-nonfinite skip refuse check_on_device."""
+    for name, policy in (("lars", "stop"), ("lamb", "stop"), ("sgd", "skip")):
+        layers, params, opt = setup(name)
+        opt.on_nonfinite = policy
+        with pytest.raises(ValueError, match="cannot halt"):
+            opt.check_on_device()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_device_checks_stop_the_cli_at_the_refused_step(tiny_h5, monkeypatch, capsys):
+    """A run whose optimizer checks on the device (as on a GPU) stops with exit 2 at the NaN batch's step,
+    read at the next host sync (here the final evaluation), without a traceback."""
+    import hpdl.trainer
+    monkeypatch.setattr(hpdl.trainer, "device_checks", lambda run: True)
+    poison(monkeypatch, 3)
+    code = train_main(run_args(tiny_h5))
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == ("hpdl.train: error: non-finite update at step 4: NaN or Inf in the gradients "
+                   "(checked on the device: layers not named)")
