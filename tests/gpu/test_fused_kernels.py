@@ -85,6 +85,22 @@ def test_adamw_update_bit_identical(n, wd):
         np.testing.assert_array_equal(cp.asnumpy(dev), host)
 
 
+def test_halted_updates_change_nothing():
+    """A non-zero device halt flag leaves w, the momentum buffer and the moments untouched; a zero one
+    changes w as an update without the flag does."""
+    rng = np.random.default_rng(9)
+    w, g = _randn(rng, 5000), _randn(rng, 5000)
+    w_d, g_d, buf_d, m_d, v_d = _dev(w, g, w, np.zeros_like(w), np.zeros_like(w))
+    halted, clear = cp.ones(1, cp.float32), cp.zeros(1, cp.float32)
+    kernels.sgd_update(w_d, g_d, 0.1, 0.01, 0.9, False, buf_d, False, halted)
+    kernels.adamw_update(w_d, g_d, m_d, v_d, 1e-3, 1, 0.01, halt=halted)
+    for dev, host in ((w_d, w), (buf_d, w), (m_d, np.zeros_like(w)), (v_d, np.zeros_like(w))):
+        np.testing.assert_array_equal(cp.asnumpy(dev), host)
+    kernels.sgd_update(w_d, g_d, 0.1, halt=clear)
+    kernels.sgd_update_ref(w, g, 0.1)
+    np.testing.assert_array_equal(cp.asnumpy(w_d), w)
+
+
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_dcasgd_update_bit_identical(adaptive):
     """The server update gives the oracle's w, backup row (= the new w) and mean square exactly."""
