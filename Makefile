@@ -52,7 +52,7 @@ test-slurm: $(VENV)/.installed
 # machines may be offline): the `gpu` tests, then the single-process, pipeline and parameter-server
 # runs of hpdl.train end to end with --device gpu (their ranks sharing the GPU).
 GPU_E2E := tests/unit/test_train.py tests/unit/test_mpi_cli.py tests/unit/test_ps_cli.py \
-	tests/unit/test_precision.py tests/unit/test_nonfinite.py tests/unit/test_resume_cli.py
+	tests/unit/test_precision.py tests/unit/test_resume_cli.py
 test-gpu:
 	$(PY) -m pytest -q -m gpu -p no:cacheprovider tests/gpu
 	HPDL_DEVICE=gpu $(MPI_ENV) $(PY) -m pytest -q -p no:cacheprovider $(GPU_E2E)

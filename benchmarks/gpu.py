@@ -69,14 +69,21 @@ def synthetic_batches(model: Model, batch: int) -> list[tuple[np.ndarray, np.nda
              rng.integers(0, 10, batch).astype(np.int64)) for _ in range(N_BATCHES)]
 
 
-def hpdl_runner(model: Model, batches, steps: int) -> Callable[[], float]:
-    """Samples/s of hpdl's own step on the --device gpu backend: trainer.loss_and_grads, then SGD momentum."""
+def hpdl_runner(model: Model, batches, steps: int, host_share: list[float] | None = None) -> Callable[[], float]:
+    """Samples/s of hpdl's own step on the --device gpu backend: trainer.loss_and_grads, then SGD
+    momentum with the gradient check on the device, as hpdl.train runs it on a GPU.
+
+    `host_share` gets, per run, the fraction of the wall time the host took to queue the steps:
+    near 1 the GPU waits for Python's launches (where CUDA graphs or batched kernels would pay),
+    well below 1 the host runs ahead and the GPU's own work sets the pace.
+    """
     from hpdl.backend import Backend
     from hpdl.optim import make_optimizer
     from hpdl.trainer import loss_and_grads
     backend = Backend("gpu", "float32")
     params = model.init(SEED, xp=backend.xp, dtype=backend.dtype)
     opt = make_optimizer("sgd", model.layers, momentum=0.9)
+    opt.check_on_device()
     dev = [(backend.asarray(x), backend.xp.asarray(y)) for x, y in batches]
     cycle = itertools.cycle(dev)
 
@@ -87,8 +94,13 @@ def hpdl_runner(model: Model, batches, steps: int) -> Callable[[], float]:
             x, y = next(cycle)
             _, grads = loss_and_grads(model.layers, params, x, y, (0,))
             opt.step(params, grads, 0.01)
+        queued = time.perf_counter()
+        opt.settle()
         backend.synchronize()
-        return steps * len(dev[0][1]) / (time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+        if host_share is not None:
+            host_share.append((queued - t0) / wall)
+        return steps * len(dev[0][1]) / wall
     return run
 
 
@@ -154,11 +166,12 @@ def kernel_cases(cp) -> list[tuple[str, str, Callable[[], object], Callable[[], 
 
     The plain calls are the `*_ref` oracles run on CuPy arrays (the same operations as
     hpdl's optimizers and layers, tests/unit/test_kernel_oracles.py), hpdl.layers.conv's
-    im2col/col2im, and a dot product read back to the host per tensor (as LARS and
-    LENA took norms before sum_squares, with a host sync each).
+    im2col_xp/col2im_xp (its array-operation path, on its batch-innermost layout), and a
+    dot product read back to the host per tensor (as LARS and LENA took norms before
+    sum_squares, with a host sync each).
     """
     from hpdl import kernels as k
-    from hpdl.layers.conv import col2im, im2col
+    from hpdl.layers.conv import col2im_xp, im2col_xp, nchw
 
     cp.random.seed(SEED)
 
@@ -205,17 +218,22 @@ def kernel_cases(cp) -> list[tuple[str, str, Callable[[], object], Callable[[], 
                       lambda d=dy, h=xhat, r=rstd, ga=gamma: k.batchnorm_backward(d, h, r, ga),
                       lambda d=dy, h=xhat, r=rstd, ga=gamma: k.batchnorm_backward_ref(d, h, r, ga)))
     for n, c, hw, kk, s, pad in ((128, 1, 28, 3, 1, 1), (128, 32, 14, 3, 1, 1), (512, 32, 14, 3, 2, 1)):
-        x = randn(n, c, hw, hw)
+        x = nchw(randn(c, hw, hw, n))   # batch-innermost, as conv and pooling layers hand it on
         cols_t = k.im2col(x, kk, s, pad, batched=False)
         label = f"{n}x{c}x{hw}x{hw} k{kk} s{s}"
         cases.append(("im2col", label, lambda x=x, kk=kk, s=s, p=pad: k.im2col(x, kk, s, p, batched=False),
-                      lambda x=x, kk=kk, s=s, p=pad: im2col(x, kk, s, p)))
-        cases.append(("col2im", label, lambda c=cols_t, sh=x.shape, kk=kk, s=s, p=pad: k.col2im(c, sh, kk, s, p),
-                      lambda c=cols_t, sh=x.shape, kk=kk, s=s, p=pad: col2im(c, sh, kk, s, p)))
+                      lambda x=x, kk=kk, s=s, p=pad: im2col_xp(x, kk, s, p)))
+        cases.append(("col2im", label,
+                      lambda c=cols_t, sh=x.shape, kk=kk, s=s, p=pad: k.col2im(c, sh, kk, s, p, batch_inner=True),
+                      lambda c=cols_t, sh=x.shape, kk=kk, s=s, p=pad: col2im_xp(c, sh, kk, s, p)))
     for sizes in ((16, 144, 16, 16, 4608, 32, 32, 9216, 64, 640, 10), (1_000_000,) * 8):
         tensors = [randn(n) for n in sizes]
         cases.append(("sum_squares", f"{len(sizes)} tensors, {sum(sizes):,} values",
                       lambda t=tensors: k.sum_squares(t), lambda t=tensors: [float(cp.vdot(a, a)) for a in t]))
+        flag, ref_flag = cp.zeros(1, cp.float32), cp.zeros(1, cp.float32)
+        cases.append(("any_nonfinite", f"{len(sizes)} tensors, {sum(sizes):,} values",
+                      lambda t=tensors, f=flag: k.any_nonfinite(t, f),
+                      lambda t=tensors, f=ref_flag: k.any_nonfinite_ref(t, f)))
     for rows, n in ((128, 1024), (2048, 4096)):
         x, b, dy = randn(rows, n), randn(n), randn(rows, n)
         cases.append(("bias_relu_forward", f"{rows}x{n}", lambda x=x, b=b: k.bias_relu_forward(x, b),
@@ -312,12 +330,13 @@ def main() -> int:
     sections, data = [], {"device": device, "fp32_peak_tflops": peak}
     if not args.skip_training:
         ceiling = gemm_tflops(cp)
-        rows, throughput = [], {}
+        rows, throughput, host_shares = [], {}, {}
         for model in models:
             flops = train_flops(model)
             for batch in batch_sizes:
                 batches = synthetic_batches(model, batch)
-                runs = {"hpdl": hpdl_runner(model, batches, args.steps)}
+                share: list[float] = []
+                runs = {"hpdl": hpdl_runner(model, batches, args.steps, share)}
                 if torch_ok:
                     runs["torch"] = torch_runner(torch, model, batches, args.steps)
                 for run in runs.values():   # warm-up: kernel compilation, cuBLAS/cuDNN handles, pools
@@ -329,11 +348,13 @@ def main() -> int:
                 rows.append([model.name, batch, f"{h:.0f}", f"{t:.0f}" if t else "n/a",
                              f"{h / t:.2f}" if t else "n/a", f"{tflops_h:.2f}",
                              f"{flops * t / 1e12:.2f}" if t else "n/a",
-                             f"{100 * tflops_h / peak:.1f}%" if peak else "peak unknown"])
+                             f"{100 * tflops_h / peak:.1f}%" if peak else "peak unknown",
+                             f"{100 * median(share[1:]):.0f}%"])   # the warm-up run left out
                 throughput[f"{model.name} b{batch}"] = res
+                host_shares[f"{model.name} b{batch}"] = share[1:]
                 print(f"{model.name} batch {batch}: hpdl {h:.0f}/s, torch {t and round(t)}/s", flush=True)
         plot(throughput, REPORTS / "gpu.png")
-        data.update(samples_per_s=throughput, gemm_ceiling_tflops=ceiling,
+        data.update(samples_per_s=throughput, hpdl_host_share=host_shares, gemm_ceiling_tflops=ceiling,
                     train_matmul_flops_per_sample={m.name: train_flops(m) for m in models})
         sections.append(
             f"## Training throughput\n\nSGD momentum 0.9, float32 (TF32 off), synthetic MNIST-shaped batches, "
@@ -342,10 +363,13 @@ def main() -> int:
             f"first layer's) over the whole step time. Device float32 peak: "
             + (f"{peak} TFLOP/s (datasheet table in benchmarks/gpu.py); " if peak
                else f"unknown ({device} is not in the table in benchmarks/gpu.py); ") +
-            f"one 8192^3 float32 cuBLAS product reaches {ceiling:.1f} TFLOP/s here."
+            f"one 8192^3 float32 cuBLAS product reaches {ceiling:.1f} TFLOP/s here. "
+            "Host share: the fraction of hpdl's step time the host spent queueing the steps; near 100% "
+            "the GPU waits on Python's kernel launches (where CUDA graphs or batched kernels would pay), "
+            "well below it the GPU's own work sets the pace."
             + ("" if torch_ok else "\n\nPyTorch has no CUDA here: its columns are not measured.") + "\n\n"
             + markdown_table(["model", "batch", "hpdl samples/s", "PyTorch samples/s", "hpdl / PyTorch",
-                              "hpdl TFLOP/s", "PyTorch TFLOP/s", "hpdl % of peak"], rows)
+                              "hpdl TFLOP/s", "PyTorch TFLOP/s", "hpdl % of peak", "hpdl host share"], rows)
             + "\n\n![throughput](gpu.png)")
     if not args.skip_kernels:
         rows, kdata = bench_kernels(cp, args.kernel_calls, args.repeats)
@@ -355,7 +379,7 @@ def main() -> int:
             f"Microseconds per call (median of {args.repeats} alternating repeats of {args.kernel_calls} "
             "back-to-back calls, synchronized at both ends: launch overhead included). Plain CuPy: the "
             "kernel's `*_ref` oracle on CuPy arrays (the optimizers' and layers' own operations), "
-            "conv's im2col/col2im, and one dot product read back per tensor.\n\n"
+            "conv's im2col_xp/col2im_xp, and one dot product read back per tensor.\n\n"
             + markdown_table(["kernel", "size", "fused us", "CuPy us", "speed-up"], rows))
     print(write_report("gpu", f"GPU: hpdl (CuPy) vs PyTorch eager on {device}", "\n\n".join(sections), data))
     return 0

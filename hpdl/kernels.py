@@ -660,7 +660,7 @@ def batchnorm_backward(dy, xhat, rstd, gamma):
 # ---- im2col / col2im: kernels/im2col.cu -----------------------------------------------------
 
 def _conv_out(size: int, k: int, stride: int, pad: int) -> int:
-    # hpdl.layers.conv.out_size, not imported: conv is where these kernels would be called from.
+    # hpdl.layers.conv.out_size, not imported: conv imports this module.
     return (size + 2 * pad - k) // stride + 1
 
 
@@ -698,10 +698,11 @@ def im2col_ref(x, k: int, stride: int, pad: int, batched: bool = True):
     return patches.transpose(1, 2, 3, 4, 5, 0).reshape(c * k * k, ho * wo * n)
 
 
-def col2im_ref(cols, x_shape, k: int, stride: int, pad: int, batched: bool = False):
+def col2im_ref(cols, x_shape, k: int, stride: int, pad: int, batched: bool = False, batch_inner: bool = False):
     """The adjoint of im2col_ref, as hpdl.layers.conv.col2im (layout (C k k, Ho Wo N), or
     (N, C k k, Ho Wo) when batched): x[n, c, h, w] is the sum of cols[c, i, j, a, b, n] over
     a stride + i - pad = h, b stride + j - pad = w, added in the order i, then j, ascending.
+    x is NCHW-contiguous, or an NCHW view of (C, H, W, N) memory when batch_inner.
     """
     xp = array_module(cols)
     n, c, h, w = x_shape
@@ -714,7 +715,10 @@ def col2im_ref(cols, x_shape, k: int, stride: int, pad: int, batched: bool = Fal
     for i in range(k):
         for j in range(k):
             dx[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride] += taps[:, :, i, j]
-    return xp.ascontiguousarray(dx[:, :, pad:pad + h, pad:pad + w])
+    dx = dx[:, :, pad:pad + h, pad:pad + w]
+    if batch_inner:
+        return xp.ascontiguousarray(dx.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
+    return xp.ascontiguousarray(dx)
 
 
 def _conv_args(x_shape, k: int, stride: int, pad: int, ho: int, wo: int, batched: bool) -> tuple:
@@ -722,35 +726,46 @@ def _conv_args(x_shape, k: int, stride: int, pad: int, ho: int, wo: int, batched
 
 
 def im2col(x, k: int, stride: int, pad: int, batched: bool = True):
-    """im2col_ref in one launch on the GPU, reading the padding as zeros (no padded copy of x)."""
+    """im2col_ref in one launch on the GPU, reading x through its strides (any layout, no copy)
+    and the padding as zeros (no padded copy)."""
     ho, wo = _check_conv(x.shape, k, stride, pad)
     if not _use_kernel(x):
         return im2col_ref(x, k, stride, pad, batched)
     cp = array_module(x)
-    x = cp.ascontiguousarray(x)
+    if any(s < 0 for s in x.strides):
+        x = cp.ascontiguousarray(x)
     n, c = x.shape[:2]
     shape = (n, c * k * k, ho * wo) if batched else (c * k * k, ho * wo * n)
     cols = cp.empty(shape, dtype=x.dtype)
+    strides = (np.int64(s // x.itemsize) for s in x.strides)
     load("im2col").get_function("im2col")(
-        _grid_flat(cols.size), (ELEMENTWISE_BLOCK,), (x, cols, *_conv_args(x.shape, k, stride, pad, ho, wo, batched)))
+        _grid_flat(cols.size), (ELEMENTWISE_BLOCK,),
+        (x, cols, *_conv_args(x.shape, k, stride, pad, ho, wo, batched), *strides))
     return cols
 
 
-def col2im(cols, x_shape, k: int, stride: int, pad: int, batched: bool = False):
+def col2im(cols, x_shape, k: int, stride: int, pad: int, batched: bool = False, batch_inner: bool = False):
     """col2im_ref in one launch on the GPU: a gather, one thread per element of x (see im2col.cu)."""
     ho, wo = _check_conv(x_shape, k, stride, pad)
-    n, c = x_shape[:2]
+    n, c, h, w = x_shape
     expected = (n, c * k * k, ho * wo) if batched else (c * k * k, ho * wo * n)
     if cols.shape != expected:
         raise ValueError(f"cols for x {tuple(x_shape)} must be {expected}, got {cols.shape}")
     if not _use_kernel(cols):
-        return col2im_ref(cols, x_shape, k, stride, pad, batched)
+        return col2im_ref(cols, x_shape, k, stride, pad, batched, batch_inner)
     cp = array_module(cols)
     cols = cp.ascontiguousarray(cols)
-    x = cp.empty(tuple(x_shape), dtype=cols.dtype)
+    x = cp.empty((c, h, w, n) if batch_inner else (n, c, h, w), dtype=cols.dtype)
     load("im2col").get_function("col2im")(
-        _grid_flat(x.size), (ELEMENTWISE_BLOCK,), (cols, x, *_conv_args(x_shape, k, stride, pad, ho, wo, batched)))
-    return x
+        _grid_flat(x.size), (ELEMENTWISE_BLOCK,),
+        (cols, x, *_conv_args(x_shape, k, stride, pad, ho, wo, batched), np.int32(batch_inner)))
+    return x.transpose(3, 0, 1, 2) if batch_inner else x
+
+
+def on_kernel_path(*arrays) -> bool:
+    """Whether these arrays take the fused kernels (CuPy float32), for callers that keep a
+    NumPy path of their own rather than the `*_ref` oracle (hpdl.layers.conv)."""
+    return _use_kernel(*arrays)
 
 
 # ---- per-tensor sums of squares: kernels/sum_squares.cu -------------------------------------
@@ -796,3 +811,36 @@ def sum_squares(arrays):
     load("sum_squares").get_function("sum_squares_partial")((P, T), (ELEMENTWISE_BLOCK,), (ptrs, sizes, partial))
     load("sum_squares").get_function("sum_squares_finish")((T,), (ELEMENTWISE_BLOCK,), (partial, out, np.int32(P)))
     return out
+
+
+# ---- any NaN or Inf in many tensors: kernels/finite.cu --------------------------------------
+
+def any_nonfinite_ref(arrays, flag) -> None:
+    """flag[0] = 1 where any element of `arrays` is NaN or Inf, else flag is left as it was.
+
+    flag: float32 of shape (1,) on the arrays' device; nothing is read back to the host.
+    """
+    xp = array_module(flag)
+    for a in arrays:
+        xp.maximum(flag, ~xp.isfinite(a).all(), out=flag)
+
+
+def any_nonfinite(arrays, flag) -> None:
+    """any_nonfinite_ref in one launch on the GPU, however many tensors."""
+    arrays = list(arrays)
+    if flag.shape != (1,) or flag.dtype != np.float32:
+        raise ValueError(f"flag must be a float32 array of shape (1,), got {flag.dtype} {flag.shape}")
+    if not arrays:
+        return
+    if not _use_kernel(flag, *arrays):
+        return any_nonfinite_ref(arrays, flag)
+    _written(flag)
+    cp = array_module(flag)
+    # The contiguous copies stay referenced in `arrays` until the launch is queued.
+    arrays = [cp.ascontiguousarray(a) for a in arrays]
+    ptrs = cp.asarray(np.array([_address(a) for a in arrays], dtype=np.uint64))
+    sizes = cp.asarray(np.array([a.size for a in arrays], dtype=np.int64))
+    largest = max(a.size for a in arrays)
+    blocks = max(1, min(math.ceil(largest / (ELEMENTWISE_BLOCK * SUM_SQUARES_PER_THREAD)), SUM_SQUARES_MAX_PARTIALS))
+    load("finite").get_function("any_nonfinite")(
+        (blocks, min(len(arrays), MAX_GRID)), (ELEMENTWISE_BLOCK,), (ptrs, sizes, np.int32(len(arrays)), flag))

@@ -1,4 +1,4 @@
-"""NaN and Inf in an update: one reduction per step to detect them, the layers named only when one fires."""
+"""NaN and Inf in an update: one pass per step to detect them, the layers named only when one fires."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from .backend import array_module
+from .kernels import any_nonfinite
 from .layers.base import Layer
 
 POLICIES = ("stop", "skip")  # what an update with a NaN or Inf gradient does (Config.on_nonfinite)
@@ -23,17 +24,15 @@ def nonfinite_layers(layers: Sequence[Layer], grads: Sequence[dict[str, Any]],
 
     Layers are named by their index in the model: `first` is that of layers[0].
 
-    While everything is finite this costs one sum per tensor, accumulated on the device and
-    read back once: NaN and Inf survive a sum. Only when the total is not finite are the
-    tensors scanned element by element, which names the layers and also clears a total
-    that merely overflowed from finite values.
+    While everything is finite this costs one pass over the gradients (one kernel launch on
+    the GPU, kernels.any_nonfinite) and one value read back. Only when that finds something
+    are the tensors scanned one by one, to name the layers.
     """
     tensors = [g for layer_grads in grads for g in layer_grads.values()]
     if tensors:
-        xp = array_module(tensors[0])
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is what the scan below sorts out
-            total = float(sum(xp.sum(g) for g in tensors))
-        if math.isfinite(total) and all(math.isfinite(r) for r in rates):
+        flag = array_module(tensors[0]).zeros(1, dtype=np.float32)
+        any_nonfinite(tensors, flag)
+        if not flag[0] and all(math.isfinite(r) for r in rates):
             return []
     found = []
     for i, (layer, layer_grads, rate) in enumerate(zip(layers, grads, rates), start=first):

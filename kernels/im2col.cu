@@ -1,6 +1,9 @@
-// im2col and col2im for 2-D convolution (NCHW), float32, as hpdl/layers/conv.py.
+// im2col and col2im for 2-D convolution, float32, as hpdl/layers/conv.py.
 //
-// x: (N, C, H, W);  cols in one of two layouts, rows (c, i, j) like a flattened (C, k, k)
+// x: (N, C, H, W) indexed, in any memory layout: im2col reads it through its element strides
+// (sn, sc, sh, sw), so conv's batch-innermost activations need no copy; col2im writes it
+// NCHW-contiguous, or (C, H, W, N)-contiguous with batch_inner as conv's layers hand on.
+// cols in one of two layouts, rows (c, i, j) like a flattened (C, k, k)
 // filter and columns over the samples n and the Ho x Wo output positions (a, b):
 //   batched = 0: (C k k, Ho Wo N)    as conv.im2col / conv.col2im (one product for the batch,
 //                                    landing batch-innermost)
@@ -17,7 +20,8 @@ __device__ size_t col_index(int batched, int n, int r, int p, int N, int R, int 
 
 // One thread per element of cols, walked in cols' memory order so the writes coalesce.
 extern "C" __global__ void im2col(const float* x, float* cols, int N, int C, int H, int W,
-                                  int k, int stride, int pad, int Ho, int Wo, int batched) {
+                                  int k, int stride, int pad, int Ho, int Wo, int batched,
+                                  long long sn, long long sc, long long sh, long long sw) {
     const int R = C * k * k, P = Ho * Wo;
     const size_t total = (size_t)N * R * P;
     for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
@@ -28,7 +32,7 @@ extern "C" __global__ void im2col(const float* x, float* cols, int N, int C, int
         const int c = r / (k * k), i = (r / k) % k, j = r % k;
         const int h = (p / Wo) * stride + i - pad, w = (p % Wo) * stride + j - pad;
         cols[t] = (0 <= h && h < H && 0 <= w && w < W)
-                ? x[(((size_t)n * C + c) * H + h) * W + w] : 0.0f;
+                ? x[n * sn + c * sc + h * sh + w * sw] : 0.0f;
     }
 }
 
@@ -39,14 +43,22 @@ extern "C" __global__ void im2col(const float* x, float* cols, int N, int C, int
 // atomics and no zero-fill pass, and the sum runs in a fixed order, i then j ascending, the
 // order in which conv.col2im's slab loop adds, so the result equals NumPy's bit for bit and
 // is the same from run to run (float atomicAdd order is not).
+// Threads walk x in its memory order, so the writes coalesce.
 extern "C" __global__ void col2im(const float* cols, float* x, int N, int C, int H, int W,
-                                  int k, int stride, int pad, int Ho, int Wo, int batched) {
+                                  int k, int stride, int pad, int Ho, int Wo, int batched,
+                                  int batch_inner) {
     const int R = C * k * k, P = Ho * Wo;
     const size_t total = (size_t)N * C * H * W;
     for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (size_t)blockDim.x * gridDim.x) {
-        const int w = (int)(t % W), h = (int)((t / W) % H);
-        const int c = (int)((t / ((size_t)W * H)) % C), n = (int)(t / ((size_t)W * H * C));
+        int n, c, h, w;
+        if (batch_inner) {
+            n = (int)(t % N); w = (int)((t / N) % W); h = (int)((t / ((size_t)N * W)) % H);
+            c = (int)(t / ((size_t)N * W * H));
+        } else {
+            w = (int)(t % W); h = (int)((t / W) % H); c = (int)((t / ((size_t)W * H)) % C);
+            n = (int)(t / ((size_t)W * H * C));
+        }
         float acc = 0.0f;
         for (int i = 0; i < k; ++i) {
             const int hs = h + pad - i;  // = a stride for the output row a this tap reads

@@ -62,10 +62,11 @@ static inline float __shfl_xor_sync(unsigned, float v, int offset) {
     return r;
 }
 """
-HOST_FILES = ("bias_act", "optim_update", "im2col", "norm", "sum_squares", "softmax_xent")
+HOST_FILES = ("bias_act", "optim_update", "im2col", "norm", "sum_squares", "softmax_xent", "finite")
 COOPERATIVE = ("norm", "sum_squares", "softmax_xent")
 CXX = shutil.which("g++")
-_CTYPES = {np.float32: ctypes.c_float, np.int32: ctypes.c_int, np.uint64: ctypes.c_size_t}
+_CTYPES = {np.float32: ctypes.c_float, np.int32: ctypes.c_int, np.int64: ctypes.c_longlong,
+           np.uint64: ctypes.c_size_t}
 
 
 class _Dim(ctypes.Structure):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import kernels
 from ..backend import array_module
 from ..precision import matmul
 from .base import TRAIN, Layer, Mode
@@ -54,9 +55,16 @@ def im2col(x, k: int, stride: int, pad: int):
     """Patches of x as columns: (N, C, H, W) -> (C*k*k, Ho*Wo*N).
 
     Rows are ordered (c, i, j) like a flattened (C, k, k) filter, columns (ho, wo, n): the
-    product W @ cols is then (C_out, Ho, Wo, N), batch-innermost, and the copy below walks
-    runs of Wo x N contiguous floats (stride 1).
+    product W @ cols is then (C_out, Ho, Wo, N), batch-innermost. One kernel launch on the
+    GPU (kernels.im2col, reading x where it lies), im2col_xp elsewhere.
     """
+    if kernels.on_kernel_path(x):
+        return kernels.im2col(x, k, stride, pad, batched=False)
+    return im2col_xp(x, k, stride, pad)
+
+
+def im2col_xp(x, k: int, stride: int, pad: int):
+    """im2col in array operations: one strided copy that walks runs of Wo x N contiguous floats."""
     n, c, h, w = x.shape
     ho, wo = out_size(h, k, stride, pad), out_size(w, k, stride, pad)
     src = padded(x, pad) if pad else batch_inner(x)
@@ -69,7 +77,15 @@ def im2col(x, k: int, stride: int, pad: int):
 
 
 def col2im(cols, x_shape: tuple[int, int, int, int], k: int, stride: int, pad: int):
-    """The adjoint of im2col: (C*k*k, Ho*Wo*N) -> (N, C, H, W) stored batch-innermost, summing overlaps."""
+    """The adjoint of im2col: (C*k*k, Ho*Wo*N) -> (N, C, H, W) stored batch-innermost, summing
+    overlaps. One kernel launch on the GPU (kernels.col2im), col2im_xp elsewhere."""
+    if kernels.on_kernel_path(cols):
+        return kernels.col2im(cols, x_shape, k, stride, pad, batch_inner=True)
+    return col2im_xp(cols, x_shape, k, stride, pad)
+
+
+def col2im_xp(cols, x_shape: tuple[int, int, int, int], k: int, stride: int, pad: int):
+    """col2im in array operations: k*k strided slab additions."""
     xp = array_module(cols)
     n, c, h, w = x_shape
     ho, wo = out_size(h, k, stride, pad), out_size(w, k, stride, pad)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import array_module, to_host
+from ..kernels import any_nonfinite
 from ..layers.base import Layer, Params
 from ..nonfinite import POLICIES, NonFiniteError, describe, nonfinite_layers
 
@@ -100,12 +101,10 @@ class Optimizer:
         xp = array_module(tensors[0])
         if self._halt is None:
             self._halt, self._refused_at = xp.zeros(1, dtype=np.float32), xp.zeros(1, dtype=np.int64)
-        finite = xp.isfinite(tensors[0]).all()
-        for g in tensors[1:]:
-            finite = finite & xp.isfinite(g).all()
-        refused = ~finite
+        refused = xp.zeros(1, dtype=np.float32)
+        any_nonfinite(tensors, refused)
         # Only the first refusal is recorded: the flag halts every update after it anyway.
-        xp.copyto(self._refused_at, self.steps + self.skipped + 1, where=refused & (self._halt == 0))
+        xp.copyto(self._refused_at, self.steps + self.skipped + 1, where=(refused != 0) & (self._halt == 0))
         xp.maximum(self._halt, refused, out=self._halt)
 
     def _update_all(self, params: list[Params], grads: list[dict[str, Any]], rates: list[float]) -> None:

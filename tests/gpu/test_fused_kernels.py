@@ -101,6 +101,21 @@ def test_halted_updates_change_nothing():
     np.testing.assert_array_equal(cp.asnumpy(w_d), w)
 
 
+def test_any_nonfinite_parity():
+    """The flag is set exactly where one of many tensors (more than one grid row's worth of elements,
+    some empty) holds a NaN or an Inf, as the oracle's is."""
+    rng = np.random.default_rng(10)
+    clean = [_randn(rng, n, 1e30) for n in (1, 300_000, 0, 33, 5)]
+    for position in (None, (0, 0), (1, 299_999), (3, 7), (4, 4)):
+        tensors = [a.copy() for a in clean]
+        if position is not None:
+            tensors[position[0]][position[1]] = np.inf if position[0] % 2 else np.nan
+        flag, ref = cp.zeros(1, cp.float32), np.zeros(1, np.float32)
+        kernels.any_nonfinite([cp.asarray(a) for a in tensors], flag)
+        kernels.any_nonfinite_ref(tensors, ref)
+        assert float(flag[0]) == ref[0] == (position is not None), position
+
+
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_dcasgd_update_bit_identical(adaptive):
     """The server update gives the oracle's w, backup row (= the new w) and mean square exactly."""
@@ -256,6 +271,23 @@ def test_im2col_col2im_bit_identical(case, batched):
     dcols = _randn(rng, cols_ref.shape)
     dx = kernels.col2im(cp.asarray(dcols), x.shape, k, s, pad, batched)
     np.testing.assert_array_equal(cp.asnumpy(dx), kernels.col2im_ref(dcols, x.shape, k, s, pad, batched))
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_layout_im2col_col2im_bit_identical(case):
+    """With x batch-innermost (conv's layout, read through its strides) and col2im writing
+    batch-innermost, hpdl.layers.conv's im2col/col2im on the GPU equal their NumPy path."""
+    from hpdl.layers import conv
+    n, c, h, w, k, s, pad = case
+    rng = np.random.default_rng(12)
+    x = conv.nchw(np.ascontiguousarray(conv.batch_inner(_randn(rng, (n, c, h, w)))))
+    x_d = conv.nchw(cp.asarray(conv.batch_inner(x)))
+    cols = conv.im2col(x_d, k, s, pad)
+    np.testing.assert_array_equal(cp.asnumpy(cols), conv.im2col(x, k, s, pad))
+    dcols = _randn(rng, cols.shape)
+    dx = conv.col2im(cp.asarray(dcols), x.shape, k, s, pad)
+    assert conv.batch_inner(dx).flags.c_contiguous
+    np.testing.assert_array_equal(cp.asnumpy(dx), conv.col2im(dcols, x.shape, k, s, pad))
 
 
 # ---- sums of squares -----------------------------------------------------------------------

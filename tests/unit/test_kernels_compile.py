@@ -48,7 +48,7 @@ def ptx(tmp_path_factory) -> dict[tuple[str, str], str]:
 def test_kernel_dir_has_sources():
     """The loader's kernel directory exists and holds the .cu files the tests iterate over."""
     assert {p.name for p in CU_FILES} >= {"bias_act.cu", "softmax_xent.cu", "optim_update.cu", "norm.cu",
-                                         "im2col.cu", "sum_squares.cu"}
+                                         "im2col.cu", "sum_squares.cu", "finite.cu"}
 
 
 @needs_nvcc

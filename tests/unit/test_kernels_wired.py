@@ -18,6 +18,7 @@ from hpdl import kernels
 from hpdl.algorithms.dcasgd import DcAsgdAdaptiveServer, DcAsgdServer
 from hpdl.algorithms.easgd import EasgdServer, easgd_sync_center, easgd_sync_worker
 from hpdl.layers import BatchNorm, Conv2d, Flatten, LayerNorm, Linear, ReLU
+from hpdl.layers import conv
 from hpdl.layers.base import TRAIN
 from hpdl.optim import LAMB, LARS, SGD, AdamW
 from hpdl.optim import base as optim_base
@@ -107,8 +108,8 @@ def _linear_net(rng):
                                   lambda layers: SGD(layers),
                                   lambda layers: AdamW(layers, weight_decay=0.01)], ids=["sgd-nesterov", "sgd", "adamw"])
 def test_optimizers_launch_one_kernel_per_tensor(host_kernels, make):
-    """Three steps of SGD and AdamW launch their update kernel once per tensor and step, and leave
-    weights and state bit-identical to the NumPy path."""
+    """Three steps of SGD and AdamW launch their update kernel once per tensor and step, and the
+    gradient check once per step, and leave weights and state bit-identical to the NumPy path."""
     layers, params, grads = _linear_net(np.random.default_rng(0))
     ref_params = _copy(params)
     opt, ref = make(layers), make(layers)
@@ -117,7 +118,7 @@ def test_optimizers_launch_one_kernel_per_tensor(host_kernels, make):
         with numpy_path():
             ref.step(ref_params, g, lr)
     name = "adamw_update" if isinstance(opt, AdamW) else "sgd_update"
-    assert host_kernels.launches == {name: 3 * 4}
+    assert host_kernels.launches == {name: 3 * 4, "any_nonfinite": 3}
     for mine, theirs in zip(params, ref_params):
         for k in mine:
             np.testing.assert_array_equal(mine[k], theirs[k])
@@ -224,8 +225,8 @@ def _conv_net(rng):
 
 def test_a_training_step_runs_on_the_kernels(host_kernels):
     """Two steps of a convolutional net with BatchNorm and LayerNorm (loss_and_grads, then SGD
-    momentum) launch the loss, normalization and update kernels, and end with weights as
-    accurate as the NumPy float32 path's against float64."""
+    momentum) launch the im2col, loss, normalization and update kernels, and end with weights
+    as accurate as the NumPy float32 path's against float64."""
     layers, params, x, y = _conv_net(np.random.default_rng(5))
 
     def train(params, dtype):
@@ -241,7 +242,8 @@ def test_a_training_step_runs_on_the_kernels(host_kernels):
         ref32, ref64 = train(params, np.float32), train(params, np.float64)
     steps_x_tensors = 2 * sum(len(layer.trainable) for layer in layers)
     assert host_kernels.launches["sgd_update"] == steps_x_tensors
-    for name in ("softmax_xent", "batchnorm_forward", "batchnorm_backward", "layernorm_forward", "layernorm_backward"):
+    for name in ("im2col", "softmax_xent", "batchnorm_forward", "batchnorm_backward", "layernorm_forward",
+                 "layernorm_backward"):
         assert host_kernels.launches[name] == 2, name
     for i, (p, p32, p64) in enumerate(zip(mine, ref32, ref64)):
         for k in p:
@@ -274,7 +276,8 @@ def test_update_kernels_honour_the_device_halt_flag(host_kernels, make):
         opt.step(params, g, lr)
     with numpy_path():
         ref.step(ref_params, grads[0], 0.1)
-    assert sum(host_kernels.launches.values()) == 3 * 4
+    assert host_kernels.launches["any_nonfinite"] == 3
+    assert host_kernels.launches["sgd_update" if isinstance(opt, SGD) else "adamw_update"] == 3 * 4
     for mine, theirs in zip(params, ref_params):
         for k in mine:
             np.testing.assert_array_equal(mine[k], theirs[k])
@@ -301,3 +304,57 @@ def test_a_training_step_reads_nothing_back_to_the_host(host_kernels, monkeypatc
         assert DeviceLike.reads == 2 * reads_per_step, f"check_on_device={check_on_device}"
         assert host_kernels.launches["sgd_update"] > 0
         opt.settle()
+
+
+def test_any_nonfinite_finds_each_nan_and_inf(host_kernels):
+    """One launch over 7 tensors (more than the 3 grid rows here, some empty) sets the flag exactly
+    when some element is NaN, +Inf or -Inf, wherever it sits, and never clears a set flag."""
+    rng = np.random.default_rng(10)
+    sizes = (1, 700, 0, 33, 2000, 5, 1)
+    clean = [(rng.standard_normal(n) * 1e30).astype(np.float32) for n in sizes]
+    flag = np.zeros(1, np.float32)
+    kernels.any_nonfinite(clean, flag)
+    assert flag[0] == 0 and host_kernels.launches == {"any_nonfinite": 1}
+    for t, k, bad in ((0, 0, np.nan), (1, 699, np.inf), (3, 16, -np.inf), (4, 1999, np.nan), (6, 0, -np.inf)):
+        tensors = [a.copy() for a in clean]
+        tensors[t][k] = bad
+        flag = np.zeros(1, np.float32)
+        kernels.any_nonfinite(tensors, flag)
+        with numpy_path():
+            ref = np.zeros(1, np.float32)
+            kernels.any_nonfinite(tensors, ref)
+        assert flag[0] == 1 and ref[0] == 1, (t, k, bad)
+    flag = np.ones(1, np.float32)
+    kernels.any_nonfinite(clean, flag)
+    assert flag[0] == 1
+
+
+@pytest.mark.parametrize("case", [(3, 2, 7, 6, 3, 1, 1), (2, 3, 9, 9, 3, 2, 1), (4, 2, 5, 8, 1, 2, 0), (2, 1, 6, 6, 5, 1, 2)])
+def test_conv_im2col_and_col2im_run_on_the_kernels(host_kernels, case):
+    """conv.im2col reads a batch-innermost x (as conv and pooling layers hand it on) and an NCHW one
+    in place with one launch, and conv.col2im gathers into batch-innermost memory with one launch,
+    both bit-identical to conv's own NumPy path; a Conv2d's backward then equals the NumPy one."""
+    n, c, h, w, k, s, pad = case
+    rng = np.random.default_rng(11)
+    x_nchw = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    x_inner = conv.nchw(np.ascontiguousarray(conv.batch_inner(x_nchw)))
+    for x in (x_nchw, x_inner):
+        cols = conv.im2col(x, k, s, pad)
+        with numpy_path():
+            np.testing.assert_array_equal(cols, conv.im2col(x, k, s, pad))
+        dcols = rng.standard_normal(cols.shape).astype(np.float32)
+        dx = conv.col2im(dcols, x.shape, k, s, pad)
+        assert conv.batch_inner(dx).flags.c_contiguous
+        with numpy_path():
+            np.testing.assert_array_equal(dx, conv.col2im(dcols, x.shape, k, s, pad))
+    assert host_kernels.launches == {"im2col": 2, "col2im": 2}
+    layer = Conv2d(c, 3, k, stride=s, pad=pad, winograd=False)
+    params = layer.init(rng, np, np.float32)
+    y, cache = layer.forward(params, x_inner)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx, grads = layer.backward(params, cache, dy)
+    with numpy_path():
+        y_ref, cache_ref = layer.forward(params, x_inner)
+        dx_ref, grads_ref = layer.backward(params, cache_ref, dy)
+    for mine, theirs in ((y, y_ref), (dx, dx_ref), (grads["W"], grads_ref["W"]), (grads["b"], grads_ref["b"])):
+        np.testing.assert_array_equal(mine, theirs)
