@@ -194,9 +194,11 @@ class Run:
 
 def device_checks(run: Run) -> bool:
     """Whether the optimizer checks gradients on the device (Optimizer.check_on_device): on a GPU,
-    where a per-step read-back would make the host wait for every backward pass, unless an fp16
-    loss scaler or --on-nonfinite skip needs each step's verdict on the host."""
-    return run.backend.is_gpu and run.scaler is None and run.optimizer.halts and run.cfg.on_nonfinite == "stop"
+    where a per-step read-back would make the host wait for every backward pass, in float32 (the
+    update kernels that honour the flag), unless an fp16 loss scaler or --on-nonfinite skip needs
+    each step's verdict on the host."""
+    return (run.backend.is_gpu and run.backend.dtype == "float32" and run.scaler is None
+            and run.optimizer.halts and run.cfg.on_nonfinite == "stop")
 
 
 def train_local(cfg: Config, backend: Backend) -> dict:

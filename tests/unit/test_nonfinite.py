@@ -290,3 +290,21 @@ def test_device_checks_stop_the_cli_at_the_refused_step(tiny_h5, monkeypatch, ca
     assert code == 2
     assert err == ("hpdl.train: error: non-finite update at step 4: NaN or Inf in the gradients "
                    "(checked on the device: layers not named)")
+
+
+def test_device_checks_only_in_float32_gpu_runs_whose_updates_can_halt():
+    """hpdl.train checks on the device exactly for GPU float32 runs with SGD or AdamW, no fp16 scaler
+    and --on-nonfinite stop; every other run keeps the host check that names the layers."""
+    from types import SimpleNamespace as NS
+
+    from hpdl.trainer import device_checks
+    layers = build_model("mlp", hidden=[8]).layers
+
+    def run(gpu=True, dtype="float32", scaler=None, optimizer="sgd", policy="stop"):
+        return NS(backend=NS(is_gpu=gpu, dtype=np.dtype(dtype)), scaler=scaler,
+                  optimizer=make_optimizer(optimizer, layers), cfg=NS(on_nonfinite=policy))
+
+    assert device_checks(run()) and device_checks(run(optimizer="adamw"))
+    for change in ({"gpu": False}, {"dtype": "float64"}, {"scaler": object()}, {"optimizer": "lars"},
+                   {"optimizer": "lamb"}, {"policy": "skip"}):
+        assert not device_checks(run(**change)), change
