@@ -63,6 +63,11 @@ def array_module(a) -> Any:
     return np
 
 
+def on_device(a) -> bool:
+    """Whether `a` is device memory: not a NumPy array, or an array whose module is not NumPy."""
+    return not isinstance(a, np.ndarray) or array_module(a) is not np
+
+
 def to_host(a) -> np.ndarray:
     """A NumPy copy (or view) of `a`, wherever it lives."""
     if _cupy is not None and isinstance(a, _cupy.ndarray):

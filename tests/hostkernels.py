@@ -15,6 +15,7 @@ kernels and check which ran.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import itertools
 import shutil
 import subprocess
@@ -108,18 +109,34 @@ class HostModule:
         return launch
 
 
+def _compile(source: Path, target: Path, shim: Path) -> subprocess.Popen:
+    return subprocess.Popen([CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
+                             "-include", str(shim), "-x", "c++", str(source), "-o", str(target)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def build(out: Path) -> dict[str, Path]:
     """Compile every HOST_FILES source into a shared library under `out` (in parallel)."""
     (out / "shim.h").write_text(SHIM)
-    procs = {name: subprocess.Popen([CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
-                                     "-include", str(out / "shim.h"), "-x", "c++",
-                                     str(kernels.KERNEL_DIR / f"{name}.cu"), "-o", str(out / f"{name}.so")],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = {name: _compile(kernels.KERNEL_DIR / f"{name}.cu", out / f"{name}.so", out / "shim.h")
              for name in HOST_FILES}
     for name, proc in procs.items():
         _, stderr = proc.communicate()
         assert proc.returncode == 0, f"g++ failed on {name}.cu:\n{stderr}"
     return {name: out / f"{name}.so" for name in HOST_FILES}
+
+
+def module_from_source(code: str, out: Path, launches: Counter) -> HostModule:
+    """A HostModule built from CUDA source text (what cupy.RawModule receives), for tests/fakegpu."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "shim.h").write_text(SHIM)
+    name = hashlib.sha256(code.encode()).hexdigest()[:16]
+    (out / f"{name}.cu").write_text(code)
+    _, stderr = _compile(out / f"{name}.cu", out / f"{name}.so", out / "shim.h").communicate()
+    if stderr and not (out / f"{name}.so").exists():
+        raise RuntimeError(f"g++ failed on a RawModule source:\n{stderr}")
+    cooperative = "__syncthreads" in code or "__shfl" in code
+    return HostModule(ctypes.CDLL(str(out / f"{name}.so")), cooperative, launches)
 
 
 def patch(libraries: dict[str, Path]) -> tuple[pytest.MonkeyPatch, Counter]:

@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import array_module, to_host
+from ..backend import array_module, on_device, to_host
 
 
 class _Stateful:
@@ -23,7 +23,7 @@ class _Stateful:
         for name in self._state_names:
             buf = getattr(self, name)
             if buf is not None:
-                out[name] = buf.copy() if isinstance(buf, np.ndarray) else to_host(buf)
+                out[name] = to_host(buf) if on_device(buf) else buf.copy()
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:

@@ -6,6 +6,7 @@ from collections import deque
 import numpy as np
 from mpi4py import MPI
 
+from ..backend import on_device
 from ..flat import Flat
 from .device import Outgoing, Stager, default_stager
 from .wait import waitall
@@ -33,7 +34,7 @@ class BucketAllreduce:
     def __init__(self, comm: MPI.Comm, flat: Flat, bucket_bytes: int = BUCKET_BYTES, poll: str = "sleep",
                  stager: Stager | None = None):
         self.comm, self.flat, self.poll = comm, flat, poll
-        device = not isinstance(flat.vector, np.ndarray)
+        device = on_device(flat.vector)
         self.stager = (stager or default_stager()) if device else None
         self.buckets: list[tuple[int, slice]] = []   # (first layer, slice of the vector), last layer first
         self.bytes_reduced = 0

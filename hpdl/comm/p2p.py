@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from ..backend import on_device
 from .device import Outgoing, Stager, default_stager
 from .wait import wait, waitall
 
@@ -145,7 +146,7 @@ class PipeChannel:
     def _send(self, kind: int, mb: int, dest: int, array) -> None:
         self._check_peer(kind, dest)
         self._reap()
-        if isinstance(array, np.ndarray):
+        if not on_device(array):
             self._isend(np.ascontiguousarray(array), dest, tag(kind, mb), kind)
             return
         self._held.append(((self.stager or default_stager()).outgoing(array), dest, tag(kind, mb), kind))

@@ -4,9 +4,9 @@ from __future__ import annotations
 import time
 from typing import Callable, Sequence
 
-import numpy as np
 from mpi4py import MPI
 
+from ..backend import on_device
 from .device import Stager, default_stager
 
 # poll="sleep": test the request, then sleep, doubling the pause from FIRST_PAUSE up to
@@ -93,7 +93,7 @@ def allreduce(comm: MPI.Comm, sendbuf, recvbuf=None, op: MPI.Op = MPI.SUM, poll:
     before the work queued next on the current stream.
     """
     out = sendbuf if recvbuf is None else recvbuf
-    if not isinstance(sendbuf, np.ndarray):
+    if on_device(sendbuf):
         stager = stager or default_stager()
         if out is not sendbuf:
             out[...] = sendbuf  # a device copy; then one in-place path for both forms

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import array_module, to_host
+from ..backend import array_module, on_device, to_host
 from ..kernels import any_nonfinite
 from ..layers.base import Layer, Params
 from ..nonfinite import POLICIES, NonFiniteError, describe, nonfinite_layers
@@ -204,4 +204,4 @@ def _like(host: np.ndarray, w, key: str):
 
 def _host_copy(a) -> np.ndarray:
     # to_host copies device arrays already; a NumPy array it would merely return.
-    return a.copy() if isinstance(a, np.ndarray) else to_host(a)
+    return to_host(a) if on_device(a) else a.copy()

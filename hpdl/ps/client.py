@@ -6,6 +6,7 @@ from typing import Sequence
 import numpy as np
 from mpi4py import MPI
 
+from ..backend import on_device
 from ..comm.device import Stager, default_stager
 from ..comm.wait import waitall
 from .messages import CHECKPOINT, DONE, FETCH, PUSH, Message, nbytes
@@ -49,7 +50,7 @@ class PsClient:
         """Send the payload of local step `step` (learning rate lr); the reply if asked for."""
         self._reuse()
         replies = self._expect(REPLY_TAG) if reply else []
-        if isinstance(payload, np.ndarray):
+        if not on_device(payload):
             for sh, msg in zip(self.shards, self.out):
                 msg.body[...] = payload[sh.lo:sh.hi]
         else:

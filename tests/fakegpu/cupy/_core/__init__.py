@@ -1,0 +1,1 @@
+"""cupy._core for tests/fakegpu."""

@@ -1,0 +1,98 @@
+"""`python -m hpdl.train --device gpu` end to end without a GPU, on tests/fakegpu: a stand-in for CuPy
+whose kernels are kernels/*.cu built for the host. The GPU code paths (CuPy arrays, the fused
+kernels, the device-side gradient check, staging through pinned buffers between ranks) run,
+launch the kernels they should, and train as the CPU path does."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from test_mpi_cli import MPIRUN
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKEGPU = ROOT / "tests" / "fakegpu"
+# The host runs a kernel's blocks one after another: 3 blocks per grid row keeps that quick, and
+# every grid-stride loop wraps.
+BOOT = "import sys, hpdl.kernels as k; k.MAX_GRID = 3; from hpdl.train import main; sys.exit(main(sys.argv[1:]))"
+MODELS = {"mlp": "{hidden: [16]}", "cnn": "{channels: [2, 3], hidden: 8, dropout: 0.5}",
+          "resnet": "{channels: [2, 2, 2]}"}
+# Both paths are float32 and add in different orders (kernel reductions, cuBLAS vs BLAS being
+# the same NumPy here): a few steps leave them this close; a wrong update or layer would not.
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_h5(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("fakegpu") / "tiny.h5"
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        for split, n in (("train", 48), ("test", 16)):
+            f[f"{split}/x"] = rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
+            f[f"{split}/y"] = rng.integers(0, 10, n, dtype=np.uint8)
+    return path
+
+
+def train(device: str, args: list[str], ranks: int = 1, launches: Path | None = None, env: dict | None = None) -> dict:
+    """hpdl.train's RESULT record; tests/fakegpu stands in for CuPy on both devices."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAKEGPU), str(ROOT)]), "OMP_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1", "FAKEGPU_LAUNCHES": str(launches or ""), **(env or {})}
+    cmd = [sys.executable, "-c", BOOT, "--device", device, "--no-progress", "--eval-every", "0", *args]
+    if ranks > 1:
+        cmd = [str(MPIRUN), "-n", str(ranks), *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def options(tiny_h5, tmp_path, model: str) -> list[str]:
+    config = tmp_path / f"{model}.yaml"
+    config.write_text(f"model: {model}\nmodel_options: {MODELS[model]}\n")
+    return ["--data", str(tiny_h5), "--config", str(config), "--batch-size", "8", "--max-steps", "3"]
+
+
+@pytest.mark.parametrize("model, kernels", [
+    ("mlp", {"softmax_xent", "sgd_update", "any_nonfinite"}),
+    ("cnn", {"softmax_xent", "sgd_update", "any_nonfinite", "im2col", "col2im"}),
+    ("resnet", {"softmax_xent", "sgd_update", "any_nonfinite", "im2col", "col2im", "batchnorm_forward",
+                "batchnorm_backward"})])
+def test_one_process_gpu_run_uses_the_kernels_and_trains_as_the_cpu(tiny_h5, tmp_path, model, kernels):
+    """Three SGD steps and the evaluation on the fake GPU launch the model's kernels and end with
+    the CPU run's train and test loss (dropout masks included: both draw them on the host)."""
+    args = options(tiny_h5, tmp_path, model)
+    counts = tmp_path / "launches.json"
+    gpu, cpu = train("gpu", args, launches=counts), train("cpu", args)
+    assert kernels <= set(json.loads(counts.read_text()))
+    assert gpu["steps"] == cpu["steps"] == 3
+    for key in ("train_loss", "test_loss"):
+        assert gpu[key] == pytest.approx(cpu[key], rel=RTOL), key
+
+
+@pytest.mark.skipif(not MPIRUN.exists(), reason="mpirun (the mpich wheel) is not installed")
+@pytest.mark.parametrize("aware", ["0", "1"], ids=["staged", "cuda-aware"])
+@pytest.mark.parametrize("layout", [["--stages", "2"], ["--stages", "1", "--algorithm", "sync"]],
+                         ids=["pipeline", "data-parallel"])
+def test_two_rank_gpu_runs_move_device_arrays_and_train_as_the_cpu(tiny_h5, tmp_path, layout, aware):
+    """A 2-stage pipeline and 2-replica synchronous SGD on the fake GPU move activations, gradients
+    and allreduce buckets through pinned host buffers (HPDL_CUDA_AWARE_MPI=0) or hand MPI the device
+    arrays (=1), and end with the CPU runs' losses."""
+    args = [*options(tiny_h5, tmp_path, "mlp"), *layout]
+    gpu, cpu = train("gpu", args, ranks=2, env={"HPDL_CUDA_AWARE_MPI": aware}), train("cpu", args, ranks=2)
+    assert gpu["steps"] == cpu["steps"] == 3
+    assert gpu["test_loss"] == pytest.approx(cpu["test_loss"], rel=RTOL)
+
+
+@pytest.mark.skipif(not MPIRUN.exists(), reason="mpirun (the mpich wheel) is not installed")
+def test_parameter_server_gpu_run_finishes(tiny_h5, tmp_path):
+    """EASGD with one server and two workers on the fake GPU (workers push and take replies through
+    pinned buffers) runs its steps and reports a finite loss; its order is asynchronous, so no CPU twin."""
+    res = train("gpu", [*options(tiny_h5, tmp_path, "mlp"), "--algorithm", "easgd", "--ps", "1", "--stages", "1",
+                        "--tau", "1"], ranks=3)
+    assert np.isfinite(res["test_loss"]) and res["updates"] > 0
