@@ -198,9 +198,10 @@ class LENA(LRMethod):
 
 
 def layer_top_bot(layers, grads, micro_sq, S: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer, the mean micro-batch squared norm and the averaged gradient's squared norm."""
+    """Per layer, the mean micro-batch squared norm and the averaged gradient's squared norm, on
+    the host (micro_sq, summed on the device by Flat.accumulate, is read back here)."""
     bot = squared_norms(layers, grads)
-    return (micro_sq / S if S > 1 else bot), bot
+    return (to_host(micro_sq) / S if S > 1 else bot), bot
 
 
 def gain_state(gain: GainRatio, prefix: str = "") -> dict[str, np.ndarray]:

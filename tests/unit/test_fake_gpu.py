@@ -75,7 +75,10 @@ def test_one_process_gpu_run_uses_the_kernels_and_trains_as_the_cpu(tiny_h5, tmp
         assert gpu[key] == pytest.approx(cpu[key], rel=RTOL), key
 
 
-@pytest.mark.skipif(not MPIRUN.exists(), reason="mpirun (the mpich wheel) is not installed")
+needs_mpirun = pytest.mark.skipif(not MPIRUN.exists(), reason="mpirun (the mpich wheel) is not installed")
+
+
+@needs_mpirun
 @pytest.mark.parametrize("aware", ["0", "1"], ids=["staged", "cuda-aware"])
 @pytest.mark.parametrize("layout", [["--stages", "2"], ["--stages", "1", "--algorithm", "sync"]],
                          ids=["pipeline", "data-parallel"])
@@ -89,10 +92,58 @@ def test_two_rank_gpu_runs_move_device_arrays_and_train_as_the_cpu(tiny_h5, tmp_
     assert gpu["test_loss"] == pytest.approx(cpu["test_loss"], rel=RTOL)
 
 
-@pytest.mark.skipif(not MPIRUN.exists(), reason="mpirun (the mpich wheel) is not installed")
-def test_parameter_server_gpu_run_finishes(tiny_h5, tmp_path):
-    """EASGD with one server and two workers on the fake GPU (workers push and take replies through
-    pinned buffers) runs its steps and reports a finite loss; its order is asynchronous, so no CPU twin."""
-    res = train("gpu", [*options(tiny_h5, tmp_path, "mlp"), "--algorithm", "easgd", "--ps", "1", "--stages", "1",
-                        "--tau", "1"], ranks=3)
-    assert np.isfinite(res["test_loss"]) and res["updates"] > 0
+@needs_mpirun
+@pytest.mark.parametrize("ranks, layout", [
+    (2, ["--stages", "1", "--algorithm", "sync", "--lr-method", "lena"]),
+    (2, ["--stages", "1", "--algorithm", "avg", "--tau", "2"]),
+    (2, ["--stages", "1", "--algorithm", "bmuf", "--tau", "2"]),
+    (2, ["--stages", "1", "--algorithm", "easgd-sync"]),
+    (3, ["--stages", "2", "--algorithm", "pipelined-easgd", "--ps", "1"]),
+    (3, ["--stages", "2", "--algorithm", "pipelined-dcasgd", "--ps", "1"]),
+    (4, ["--stages", "2", "--replicas", "2", "--algorithm", "sync"])],
+    ids=["sync-lena", "avg", "bmuf", "easgd-sync", "pipelined-easgd", "pipelined-dcasgd", "2x2"])
+def test_deterministic_algorithms_on_the_gpu_train_as_the_cpu(tiny_h5, tmp_path, ranks, layout):
+    """Every algorithm whose result does not depend on message timing ends, on the fake GPU, with the
+    CPU run's test loss: LENA over replicas, model averaging, BMUF, synchronous EASGD, both pipelined
+    parameter-server rules, and stages x replicas."""
+    args = [*options(tiny_h5, tmp_path, "mlp"), *layout]
+    gpu, cpu = train("gpu", args, ranks=ranks), train("cpu", args, ranks=ranks)
+    assert gpu["test_loss"] == pytest.approx(cpu["test_loss"], rel=RTOL)
+
+
+@needs_mpirun
+@pytest.mark.parametrize("ranks, layout", [
+    (3, ["--algorithm", "easgd", "--ps", "1", "--tau", "1"]), (3, ["--algorithm", "dcasgd-a", "--ps", "1"]),
+    (2, ["--algorithm", "hogwild"])], ids=["easgd", "dcasgd-a", "hogwild"])
+def test_asynchronous_algorithms_on_the_gpu_finish(tiny_h5, tmp_path, ranks, layout):
+    """Parameter-server EASGD and DC-ASGD (workers push and take replies through pinned buffers) and
+    Hogwild on the fake GPU run their steps to a finite loss; their order depends on timing, so
+    there is no CPU twin to equal."""
+    res = train("gpu", [*options(tiny_h5, tmp_path, "mlp"), "--stages", "1", *layout], ranks=ranks)
+    assert np.isfinite(res["test_loss"]) and res["steps"] == 3
+
+
+@pytest.mark.parametrize("flags", [["--optimizer", "adamw"], ["--lr-method", "lars"], ["--lr-method", "lamb"],
+                                   ["--lr-method", "lena", "--accumulate", "2"], ["--precision", "tf32"]],
+                         ids=["adamw", "lars", "lamb", "lena", "tf32"])
+def test_optimizers_and_lr_methods_on_the_gpu_train_as_the_cpu(tiny_h5, tmp_path, flags):
+    """AdamW, LARS and LAMB trust ratios and LENA's layer norms (sum_squares over device arrays, the
+    micro-batch statistics summed on the device) and TF32 products on the fake GPU end with the CPU
+    run's losses."""
+    args = [*options(tiny_h5, tmp_path, "mlp"), *flags]
+    gpu, cpu = train("gpu", args), train("cpu", args)
+    for key in ("train_loss", "test_loss"):
+        assert gpu[key] == pytest.approx(cpu[key], rel=RTOL), key
+
+
+def test_a_gpu_run_resumes_exactly(tiny_h5, tmp_path):
+    """Checkpoints written from device arrays (through the device check's settle) and read back onto
+    the device: 2 steps, then a resume to 4, end exactly where 4 uninterrupted steps do."""
+    # A constant rate: --max-steps sets the length of a decaying schedule, which would differ.
+    base = [*options(tiny_h5, tmp_path, "cnn")[:-2], "--lr-schedule", "constant"]
+    args = [*base, "--checkpoint-dir", str(tmp_path / "ckpt")]
+    train("gpu", [*args, "--max-steps", "2"])
+    resumed = train("gpu", [*args, "--max-steps", "4", "--resume"])
+    straight = train("gpu", [*base, "--max-steps", "4"])
+    assert resumed["steps"] == straight["steps"] == 4
+    assert resumed["test_loss"] == straight["test_loss"] and resumed["train_loss"] == straight["train_loss"]
