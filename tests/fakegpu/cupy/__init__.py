@@ -25,9 +25,6 @@ import numpy as np
 from . import cuda  # noqa: F401  (cupy.cuda)
 from ._core import _routines_linalg  # noqa: F401  (cupy._core._routines_linalg)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # tests/, for hostkernels
-import hostkernels  # noqa: E402
-
 launches: Counter = Counter()   # kernel launches by name, across every RawModule
 _BUILD = Path(tempfile.mkdtemp(prefix="fakegpu-"))
 
@@ -135,6 +132,9 @@ class RawModule:
     """kernels/*.cu built for the host, launched by hpdl.kernels' own launchers."""
 
     def __init__(self, code: str, options=()):
+        # Imported here: hostkernels imports hpdl.kernels, which imports this module through hpdl.backend.
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # tests/
+        import hostkernels
         self._module = hostkernels.module_from_source(code, _BUILD, launches)
 
     def get_function(self, name: str):

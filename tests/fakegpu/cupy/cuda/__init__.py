@@ -39,6 +39,9 @@ class Device:
     def synchronize(self) -> None:
         pass
 
+    def use(self) -> None:
+        pass
+
 
 def alloc_pinned_memory(nbytes: int) -> bytearray:
     return bytearray(nbytes)
