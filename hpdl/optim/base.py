@@ -78,8 +78,10 @@ class Optimizer:
         if self._refused_at is not None and (step := int(to_host(self._refused_at)[0])):
             raise NonFiniteError(describe(step, ["the gradients (checked on the device: layers not named)"]))
 
-    def step(self, params: list[Params], grads: list[dict[str, Any]], lr: Rate) -> None:
-        """Update `params` in place from `grads`, which are only read."""
+    def step(self, params: list[Params], grads: list[dict[str, Any]], lr: Rate,
+             gradients_checked: bool = False) -> None:
+        """Update `params` in place from `grads`, which are only read. `gradients_checked`: the
+        caller (LossScaler) has found them finite already, so only the learning rates are checked."""
         n = len(self.layers)
         if len(params) != n or len(grads) != n:
             raise ValueError(f"optimizer built for {n} layers got {len(params)} parameter "
@@ -87,7 +89,7 @@ class Optimizer:
         rates = self._rates(lr)
         if self._on_device and all(math.isfinite(r) for r in rates):
             self._check_gradients_on_device(grads)
-        elif found := nonfinite_layers(self.layers, grads, rates, self.first_layer):
+        elif found := nonfinite_layers(self.layers, grads, rates, self.first_layer, not gradients_checked):
             self._refuse(found)
             return
         self.steps += 1

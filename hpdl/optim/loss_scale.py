@@ -58,14 +58,16 @@ class LossScaler:
         halved. Returns whether the update was applied."""
         n = len(optimizer.layers)
         # The learning rate is not checked here: a NaN rate is no overflow, the optimizer reports it.
-        if self.scale > MIN_SCALE and nonfinite_layers(optimizer.layers, grads, [0.0] * n):
+        # Gradients found finite here are not checked again by the optimizer.
+        checked = self.scale > MIN_SCALE
+        if checked and nonfinite_layers(optimizer.layers, grads, [0.0] * n):
             self.scale = max(self.scale / FACTOR, MIN_SCALE)
             self.clean = 0
             self.overflows += 1
             optimizer.skipped += 1
             return False
         skipped = optimizer.skipped
-        optimizer.step(params, grads, lr)
+        optimizer.step(params, grads, lr, gradients_checked=checked)
         if optimizer.skipped != skipped:  # at MIN_SCALE, under --on-nonfinite skip
             return False
         self.clean += 1

@@ -226,6 +226,23 @@ def test_overflow_skips_the_update_and_halves_the_scale():
         scaler.step(opt, params, bad, 0.1)
 
 
+def test_a_clean_scaled_step_checks_its_gradients_once(monkeypatch):
+    """Above the floor the scaler's overflow check is the step's only pass over the gradients (the
+    optimizer then checks just the learning rates, and still refuses a NaN one); at the floor the
+    optimizer's own check is the only one."""
+    import hpdl.nonfinite
+    layers, params, opt, grads = small_step_setup()
+    passes = []
+    real = hpdl.nonfinite.any_nonfinite
+    monkeypatch.setattr(hpdl.nonfinite, "any_nonfinite", lambda tensors, flag: (passes.append(1), real(tensors, flag)))
+    for scale in (1024.0, 1.0):
+        passes.clear()
+        assert LossScaler(scale).step(opt, params, grads(), 0.1)
+        assert len(passes) == 1, scale
+    with pytest.raises(NonFiniteError, match="learning rate nan"):
+        LossScaler(1024.0).step(opt, params, grads(), float("nan"))
+
+
 def test_scale_doubles_after_interval_clean_updates():
     """The scale doubles after `interval` clean updates in a row; an overflow in between restarts the count."""
     layers, params, opt, grads = small_step_setup()
