@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..backend import to_host
-from ..kernels import sum_squares
+from ..kernels import sgd_update, sum_squares
 from ..layers.base import Layer
 from .sgd import SGD
 
@@ -75,12 +75,6 @@ class LARS(SGD):
         if wd:
             d += g
         d *= lr
-        if self.momentum:
-            buf, first = self._momentum_buffer(f"{key}/momentum", w)
-            if first:
-                buf[...] = d
-            else:
-                buf *= self.momentum
-                buf += d
-            d = buf
-        w -= d
+        buf, first = self._momentum_buffer(f"{key}/momentum", w) if self.momentum else (None, False)
+        # b = mu b + d; w -= b: SGD's update of direction d at rate 1 without decay (its kernel on the GPU).
+        sgd_update(w, d, 1.0, 0.0, self.momentum, False, buf, first)
