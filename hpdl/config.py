@@ -25,7 +25,8 @@ MAX_THREADS = 4096  # BLAS libraries take an int; beyond any node's cores anyway
 MAX_FLOPS = 1e12    # forward FLOPs per sample of the largest model the options may build
 
 
-DEVICE_ENV = "HPDL_DEVICE"   # a default --device for every run of a job or a test session (cluster scripts, make test-gpu)
+# A default --device for every run of a job or a test session (cluster scripts, make test-gpu).
+DEVICE_ENV = "HPDL_DEVICE"
 
 
 class ConfigError(ValueError):

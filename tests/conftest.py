@@ -33,6 +33,20 @@ def mnist_h5(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_h5(tmp_path_factory) -> Path:
+    """A prepared-MNIST-shaped file of 64 training and 20 test random images, for short CLI runs."""
+    import h5py
+    import numpy as np
+    path = tmp_path_factory.mktemp("tiny") / "tiny.h5"
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        for split, n in (("train", 64), ("test", 20)):
+            f[f"{split}/x"] = rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
+            f[f"{split}/y"] = rng.integers(0, 10, n, dtype=np.uint8)
+    return path
+
+
+@pytest.fixture(scope="session")
 def host_kernel_libraries(tmp_path_factory):
     """kernels/*.cu built for the host once per session (tests/hostkernels.py); skips without g++."""
     import hostkernels

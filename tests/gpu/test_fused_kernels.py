@@ -22,7 +22,8 @@ import pytest
 
 cp = pytest.importorskip("cupy")
 
-from hpdl import kernels  # noqa: E402  (after the skip: nothing to test without cupy)
+from accuracy import assert_as_accurate  # noqa: E402  (after the skip: nothing to test without cupy)
+from hpdl import kernels  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -40,16 +41,6 @@ def _dev(*arrays):
 
 def _host(*arrays):
     return [cp.asnumpy(a) for a in arrays]
-
-
-def _assert_as_accurate(kernel, ref32, ref64, what: str, abs_sum=0.0) -> None:
-    """Each kernel error against float64 is within kernels.float32_allowance."""
-    kernel, ref64 = np.asarray(kernel, dtype=np.float64), np.asarray(ref64, dtype=np.float64)
-    assert kernel.shape == ref64.shape, what
-    err = np.abs(kernel - ref64)
-    limit = np.broadcast_to(kernels.float32_allowance(ref32, ref64, abs_sum), err.shape)
-    worst = np.unravel_index(np.argmax(err - limit), err.shape) if err.size else ()
-    assert (err <= limit).all(), f"{what}: kernel error {err[worst]:.3g} at {worst} > allowed {limit[worst]:.3g}"
 
 
 # ---- optimizer updates ---------------------------------------------------------------------
@@ -199,14 +190,14 @@ def test_layernorm_parity(shape):
     ref32 = kernels.layernorm_forward_ref(x, gamma, beta)
     ref64 = kernels.layernorm_forward_ref(*(a.astype(np.float64) for a in (x, gamma, beta)))
     for name, k, r32, r64 in zip(("y", "xhat", "rstd"), _host(*out), ref32, ref64):
-        _assert_as_accurate(k, r32, r64, name)
+        assert_as_accurate(k, r32, r64, name)
     grads = kernels.layernorm_backward(*_dev(dy), out[1], out[2], cp.asarray(gamma))
     gref32 = kernels.layernorm_backward_ref(dy, ref32[1], ref32[2], gamma)
     gref64 = kernels.layernorm_backward_ref(dy.astype(np.float64), ref64[1], ref64[2], gamma.astype(np.float64))
     dy64 = dy.reshape(-1, n).astype(np.float64)
     sums = (0.0, np.abs(dy64 * ref64[1].reshape(-1, n)).sum(axis=0), np.abs(dy64).sum(axis=0))
     for name, k, r32, r64, abs_sum in zip(("dx", "dgamma", "dbeta"), _host(*grads), gref32, gref64, sums):
-        _assert_as_accurate(k, r32, r64, name, abs_sum)
+        assert_as_accurate(k, r32, r64, name, abs_sum)
 
 
 # (N, C) and (N, C, H, W); one channel of 262144 values; more channels than warps in a block.
@@ -229,7 +220,7 @@ def test_batchnorm_parity(shape):
     ref64 = kernels.batchnorm_forward_ref(*(a.astype(np.float64) for a in (x, gamma, beta)), rm64, rv64, 1e-5, 0.1)
     for name, k, r32, r64 in zip(("y", "xhat", "rstd", "running_mean", "running_var"),
                                  _host(*out, rm_d, rv_d), (*ref32, rm32, rv32), (*ref64, rm64, rv64)):
-        _assert_as_accurate(k, r32, r64, name)
+        assert_as_accurate(k, r32, r64, name)
     grads = kernels.batchnorm_backward(cp.asarray(dy), out[1], out[2], cp.asarray(gamma))
     gref32 = kernels.batchnorm_backward_ref(dy, ref32[1], ref32[2], gamma)
     gref64 = kernels.batchnorm_backward_ref(dy.astype(np.float64), ref64[1], ref64[2], gamma.astype(np.float64))
@@ -237,7 +228,7 @@ def test_batchnorm_parity(shape):
     dy64 = dy.astype(np.float64)
     sums = (0.0, np.abs(dy64 * ref64[1]).sum(axis=axes), np.abs(dy64).sum(axis=axes))
     for name, k, r32, r64, abs_sum in zip(("dx", "dgamma", "dbeta"), _host(*grads), gref32, gref64, sums):
-        _assert_as_accurate(k, r32, r64, name, abs_sum)
+        assert_as_accurate(k, r32, r64, name, abs_sum)
 
 
 def test_float64_norms_take_the_reference_path():
@@ -300,7 +291,7 @@ def test_sum_squares_parity():
     out = kernels.sum_squares(_dev(*arrays))
     assert isinstance(out, cp.ndarray) and out.shape == (5,) and out.dtype == cp.float32
     ref64 = kernels.sum_squares_ref([a.astype(np.float64) for a in arrays])
-    _assert_as_accurate(cp.asnumpy(out), kernels.sum_squares_ref(arrays), ref64, "sum of squares", ref64)
+    assert_as_accurate(cp.asnumpy(out), kernels.sum_squares_ref(arrays), ref64, "sum of squares", ref64)
 
 
 def test_sum_squares_of_strided_views():
@@ -309,4 +300,4 @@ def test_sum_squares_of_strided_views():
     a = _randn(rng, (40, 50))
     out = kernels.sum_squares([cp.asarray(a)[:, ::3], cp.asarray(a).T])
     ref64 = kernels.sum_squares_ref([a[:, ::3].astype(np.float64), a.T.astype(np.float64)])
-    _assert_as_accurate(cp.asnumpy(out), kernels.sum_squares_ref([a[:, ::3], a.T]), ref64, "views", ref64)
+    assert_as_accurate(cp.asnumpy(out), kernels.sum_squares_ref([a[:, ::3], a.T]), ref64, "views", ref64)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
@@ -26,17 +25,6 @@ MODELS = {"mlp": "{hidden: [16]}", "cnn": "{channels: [2, 3], hidden: 8, dropout
 # Both paths are float32 and add in different orders (kernel reductions, cuBLAS vs BLAS being
 # the same NumPy here): a few steps leave them this close; a wrong update or layer would not.
 RTOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tiny_h5(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("fakegpu") / "tiny.h5"
-    rng = np.random.default_rng(0)
-    with h5py.File(path, "w") as f:
-        for split, n in (("train", 48), ("test", 16)):
-            f[f"{split}/x"] = rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
-            f[f"{split}/y"] = rng.integers(0, 10, n, dtype=np.uint8)
-    return path
 
 
 def train(device: str, args: list[str], ranks: int = 1, launches: Path | None = None, env: dict | None = None) -> dict:

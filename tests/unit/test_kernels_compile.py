@@ -11,6 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from accuracy import assert_as_accurate
 from hpdl import kernels
 from hpdl.kernels import (bias_gelu_backward_ref, bias_gelu_forward_ref, bias_relu_backward_ref,
                           bias_relu_forward_ref, softmax_xent, softmax_xent_ref)
@@ -263,12 +264,6 @@ def test_host_bias_relu_kernels_are_bit_identical(host_kernels):
     np.testing.assert_array_equal(host_kernels.bias_relu_backward(y, dy), host_kernels.bias_relu_backward_ref(y, dy))
 
 
-def _assert_within_allowance(kernel, ref32, ref64, what: str, abs_sum=0.0) -> None:
-    err = np.abs(np.asarray(kernel, dtype=np.float64) - ref64)
-    limit = np.broadcast_to(kernels.float32_allowance(ref32, ref64, abs_sum), err.shape)
-    assert (err <= limit).all(), f"{what}: error {err.max():.3g} above the allowance"
-
-
 @pytest.mark.parametrize("shape", [(1, 1), (5, 10), (2, 7, 33), (4, 1100)])
 def test_host_layernorm_kernels_within_allowance(host_kernels, shape):
     """The LayerNorm kernels (block sums, rows striding past the grid cap, rows wider than a
@@ -282,14 +277,14 @@ def test_host_layernorm_kernels_within_allowance(host_kernels, shape):
     ref64 = host_kernels.layernorm_forward_ref(*(a.astype(np.float64) for a in (x, gamma, beta)))
     for name, k, r32, r64 in zip(("y", "xhat", "rstd"), out, ref32, ref64):
         assert k.shape == r64.shape
-        _assert_within_allowance(k, r32, r64, name)
+        assert_as_accurate(k, r32, r64, name)
     grads = host_kernels.layernorm_backward(dy, out[1], out[2], gamma)
     gref32 = host_kernels.layernorm_backward_ref(dy, ref32[1], ref32[2], gamma)
     gref64 = host_kernels.layernorm_backward_ref(dy.astype(np.float64), ref64[1], ref64[2], gamma.astype(np.float64))
     dy2 = dy.reshape(-1, n).astype(np.float64)
     sums = (0.0, np.abs(dy2 * ref64[1].reshape(-1, n)).sum(axis=0), np.abs(dy2).sum(axis=0))
     for name, k, r32, r64, abs_sum in zip(("dx", "dgamma", "dbeta"), grads, gref32, gref64, sums):
-        _assert_within_allowance(k, r32, r64, name, abs_sum)
+        assert_as_accurate(k, r32, r64, name, abs_sum)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (4, 3, 5, 7), (8, 7, 3, 3), (16, 2, 40, 40)])
@@ -309,7 +304,7 @@ def test_host_batchnorm_kernels_within_allowance(host_kernels, shape):
     for name, k, r32, r64 in zip(("y", "xhat", "rstd", "running_mean", "running_var"),
                                  (*out, rm, rv), (*ref32, rm32, rv32), (*ref64, rm64, rv64)):
         assert k.shape == r64.shape
-        _assert_within_allowance(k, r32, r64, name)
+        assert_as_accurate(k, r32, r64, name)
     grads = host_kernels.batchnorm_backward(dy, out[1], out[2], gamma)
     gref32 = host_kernels.batchnorm_backward_ref(dy, ref32[1], ref32[2], gamma)
     gref64 = host_kernels.batchnorm_backward_ref(dy.astype(np.float64), ref64[1], ref64[2], gamma.astype(np.float64))
@@ -317,7 +312,7 @@ def test_host_batchnorm_kernels_within_allowance(host_kernels, shape):
     dy64 = dy.astype(np.float64)
     sums = (0.0, np.abs(dy64 * ref64[1]).sum(axis=axes), np.abs(dy64).sum(axis=axes))
     for name, k, r32, r64, abs_sum in zip(("dx", "dgamma", "dbeta"), grads, gref32, gref64, sums):
-        _assert_within_allowance(k, r32, r64, name, abs_sum)
+        assert_as_accurate(k, r32, r64, name, abs_sum)
 
 
 def test_host_sum_squares_kernels_within_allowance(host_kernels):
@@ -328,4 +323,4 @@ def test_host_sum_squares_kernels_within_allowance(host_kernels):
     out = host_kernels.sum_squares(arrays)
     ref64 = host_kernels.sum_squares_ref([a.astype(np.float64) for a in arrays])
     assert out.shape == (3,) and out.dtype == np.float32
-    _assert_within_allowance(out, host_kernels.sum_squares_ref(arrays), ref64, "sum of squares", ref64)
+    assert_as_accurate(out, host_kernels.sum_squares_ref(arrays), ref64, "sum of squares", ref64)

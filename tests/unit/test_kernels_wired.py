@@ -14,6 +14,7 @@ import contextlib
 import numpy as np
 import pytest
 
+from accuracy import assert_as_accurate
 from hpdl import kernels
 from hpdl.algorithms.dcasgd import DcAsgdAdaptiveServer, DcAsgdServer
 from hpdl.algorithms.easgd import EasgdServer, easgd_sync_center, easgd_sync_worker
@@ -37,13 +38,6 @@ def numpy_path():
 
 def _copy(params):
     return [{k: v.copy() for k, v in p.items()} for p in params]
-
-
-def _assert_as_accurate(kernel, ref32, ref64, what: str, abs_sum=0.0) -> None:
-    """Each element's error against float64 is within kernels.float32_allowance."""
-    err = np.abs(np.asarray(kernel, np.float64) - np.asarray(ref64, np.float64))
-    allowed = np.broadcast_to(kernels.float32_allowance(ref32, ref64, abs_sum), err.shape)
-    assert (err <= allowed).all(), f"{what}: error {err.max():.3g} against float64, allowed {allowed.min():.3g}"
 
 
 class DeviceLike(np.ndarray):
@@ -106,7 +100,8 @@ def _linear_net(rng):
 
 @pytest.mark.parametrize("make", [lambda layers: SGD(layers, momentum=0.9, nesterov=True, weight_decay=0.01),
                                   lambda layers: SGD(layers),
-                                  lambda layers: AdamW(layers, weight_decay=0.01)], ids=["sgd-nesterov", "sgd", "adamw"])
+                                  lambda layers: AdamW(layers, weight_decay=0.01)],
+                         ids=["sgd-nesterov", "sgd", "adamw"])
 def test_optimizers_launch_one_kernel_per_tensor(host_kernels, make):
     """Three steps of SGD and AdamW launch their update kernel once per tensor and step, and the
     gradient check once per step, and leave weights and state bit-identical to the NumPy path."""
@@ -185,7 +180,7 @@ def test_norm_layers_run_their_kernels(host_kernels, layer, shape):
     # dgamma and dbeta are sums over the rows of dy xhat and dy.
     rows = dy.reshape(-1, shape[-1]) if kind == "layernorm" else np.moveaxis(dy, 1, -1).reshape(-1, shape[1])
     for i, (mine, r32, r64) in enumerate(zip(outputs, ref32, ref64)):
-        _assert_as_accurate(mine, r32, r64, f"{kind} output {i}", abs_sum=np.abs(rows).sum(axis=0).max() * 8
+        assert_as_accurate(mine, r32, r64, f"{kind} output {i}", abs_sum=np.abs(rows).sum(axis=0).max() * 8
                             if i in (4, 5) else 0.0)
 
 
@@ -205,14 +200,14 @@ def test_trust_ratios_and_layer_norms_take_one_sum_squares_pass(host_kernels, mo
         assert host_kernels.launches["sum_squares_partial"] == 1 and host_kernels.launches["sum_squares_finish"] == 1
         assert set(mine.trust) == {"0/W", "1/W"}
         for key in mine.trust:
-            _assert_as_accurate(mine.trust[key], ref32.trust[key], ref64.trust[key], f"{type(mine).__name__} {key}")
+            assert_as_accurate(mine.trust[key], ref32.trust[key], ref64.trust[key], f"{type(mine).__name__} {key}")
     host_kernels.launches.clear()
     sq = squared_norms(layers, grads[1])
     with numpy_path():
         sq32 = squared_norms(layers, grads[1])
         sq64 = squared_norms(layers, [{k: v.astype(np.float64) for k, v in g.items()} for g in grads[1]])
     assert host_kernels.launches == {"sum_squares_partial": 1, "sum_squares_finish": 1}
-    _assert_as_accurate(sq, sq32, sq64, "squared_norms", abs_sum=sq64)
+    assert_as_accurate(sq, sq32, sq64, "squared_norms", abs_sum=sq64)
 
 
 def _conv_net(rng):
@@ -247,7 +242,7 @@ def test_a_training_step_runs_on_the_kernels(host_kernels):
         assert host_kernels.launches[name] == 2, name
     for i, (p, p32, p64) in enumerate(zip(mine, ref32, ref64)):
         for k in p:
-            _assert_as_accurate(p[k], p32[k], p64[k], f"layer {i} {k}")
+            assert_as_accurate(p[k], p32[k], p64[k], f"layer {i} {k}")
 
 
 def test_sum_squares_takes_tensors_beyond_one_grid(host_kernels):
@@ -257,8 +252,8 @@ def test_sum_squares_takes_tensors_beyond_one_grid(host_kernels):
     sums = kernels.sum_squares(tensors)
     assert host_kernels.launches == {"sum_squares_partial": 3, "sum_squares_finish": 3}
     with numpy_path():
-        for got, t in zip(sums, tensors):
-            _assert_as_accurate(got, kernels.sum_squares([t]), kernels.sum_squares([t.astype(np.float64)]),
+        for i, t in enumerate(tensors):
+            assert_as_accurate(sums[i:i + 1], kernels.sum_squares([t]), kernels.sum_squares([t.astype(np.float64)]),
                                 f"{t.size} elements", abs_sum=float(np.sum(t.astype(np.float64) ** 2)))
 
 
@@ -329,7 +324,8 @@ def test_any_nonfinite_finds_each_nan_and_inf(host_kernels):
     assert flag[0] == 1
 
 
-@pytest.mark.parametrize("case", [(3, 2, 7, 6, 3, 1, 1), (2, 3, 9, 9, 3, 2, 1), (4, 2, 5, 8, 1, 2, 0), (2, 1, 6, 6, 5, 1, 2)])
+@pytest.mark.parametrize("case", [(3, 2, 7, 6, 3, 1, 1), (2, 3, 9, 9, 3, 2, 1), (4, 2, 5, 8, 1, 2, 0),
+                                  (2, 1, 6, 6, 5, 1, 2)])
 def test_conv_im2col_and_col2im_run_on_the_kernels(host_kernels, case):
     """conv.im2col reads a batch-innermost x (as conv and pooling layers hand it on) and an NCHW one
     in place with one launch, and conv.col2im gathers into batch-innermost memory with one launch,

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
@@ -19,7 +18,6 @@ from hpdl.train import main as train_main
 
 MPIRUN = Path(sys.executable).parent / "mpirun"
 TIMEOUT_S = 120
-N_TRAIN, N_TEST = 64, 20
 
 # -- the optimizer: detection, naming, stop and skip ----------------------------------------------
 
@@ -135,17 +133,6 @@ def test_layers_are_named_by_model_index():
 
 
 # -- whole runs: one process, through the CLI and in-process ---------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_h5(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("nonfinite") / "tiny.h5"
-    rng = np.random.default_rng(0)
-    with h5py.File(path, "w") as f:
-        for split, n in (("train", N_TRAIN), ("test", N_TEST)):
-            f[f"{split}/x"] = rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
-            f[f"{split}/y"] = rng.integers(0, 10, n, dtype=np.uint8)
-    return path
-
 
 def run_args(data: Path, *extra: str) -> list[str]:
     """Six steps of batch 8 at a constant learning rate on the tiny data set."""
