@@ -182,12 +182,23 @@ def kernel_cases(cp) -> list[tuple[str, str, Callable[[], object], Callable[[], 
     for n in (10_000, 1_000_000, 16_000_000):
         w, g, buf, w2, buf2 = randn(n), randn(n) * 1e-3, randn(n), randn(n), randn(n)
         cases.append(("sgd_update (momentum, wd)", f"{n:,}",
-                      lambda w=w, g=g, b=buf: k.sgd_update(w, g, 1e-3, 1e-4, 0.9, False, b),
-                      lambda w=w2, g=g, b=buf2: k.sgd_update_ref(w, g, 1e-3, 1e-4, 0.9, False, b)))
+                      lambda w=w, g=g, b=buf: k.sgd_update([w], [g], [1e-3], [1e-4], 0.9, False, [b], [False]),
+                      lambda w=w2, g=g, b=buf2: k.sgd_update_ref([w], [g], [1e-3], [1e-4], 0.9, False, [b], [False])))
         m, v, m2, v2 = (cp.zeros(n, cp.float32) for _ in range(4))
         cases.append(("adamw_update", f"{n:,}",
-                      lambda w=w, g=g, m=m, v=v: k.adamw_update(w, g, m, v, 1e-4, 10, 0.01),
-                      lambda w=w2, g=g, m=m2, v=v2: k.adamw_update_ref(w, g, m, v, 1e-4, 10, 0.01)))
+                      lambda w=w, g=g, m=m, v=v: k.adamw_update([w], [g], [m], [v], [1e-4], 10, [0.01]),
+                      lambda w=w2, g=g, m=m2, v=v2: k.adamw_update_ref([w], [g], [m], [v], [1e-4], 10, [0.01])))
+    for name in ("mlp", "cnn", "resnet"):
+        # A model's whole update in one launch, against the same kernel launched once per tensor.
+        model = build_model(name)
+        ws = [p[t] for layer, p in zip(model.layers, model.init(SEED, xp=cp, dtype=np.float32))
+              for t in layer.trainable]
+        gs, bufs, rates, T = [randn(*w.shape) * 1e-3 for w in ws], [randn(*w.shape) for w in ws], [1e-3], len(ws)
+        cases.append(("sgd_update, batched vs per tensor", f"{name}: {T} tensors",
+                      lambda ws=ws, gs=gs, bs=bufs, T=T: k.sgd_update(ws, gs, rates * T, [0.0] * T, 0.9, False,
+                                                                     bs, [False] * T),
+                      lambda ws=ws, gs=gs, bs=bufs: [k.sgd_update([w], [g], rates, [0.0], 0.9, False, [b], [False])
+                                                     for w, g, b in zip(ws, gs, bs)]))
     for n in (200_000, 4_000_000):
         w, bak, g, ms, w2, bak2, ms2 = (randn(n) for _ in range(7))
         ms, ms2, g = cp.abs(ms), cp.abs(ms2), g * 1e-3
@@ -379,7 +390,9 @@ def main() -> int:
             f"Microseconds per call (median of {args.repeats} alternating repeats of {args.kernel_calls} "
             "back-to-back calls, synchronized at both ends: launch overhead included). Plain CuPy: the "
             "kernel's `*_ref` oracle on CuPy arrays (the optimizers' and layers' own operations), "
-            "conv's im2col_xp/col2im_xp, and one dot product read back per tensor.\n\n"
+            "conv's im2col_xp/col2im_xp, and one dot product read back per tensor; for \"batched vs per "
+            "tensor\", the same update kernel launched once per tensor of the model, which measures what "
+            "batching a model's update into one launch saves.\n\n"
             + markdown_table(["kernel", "size", "fused us", "CuPy us", "speed-up"], rows))
     print(write_report("gpu", f"GPU: hpdl (CuPy) vs PyTorch eager on {device}", "\n\n".join(sections), data))
     return 0

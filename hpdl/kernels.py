@@ -210,7 +210,8 @@ def float32_allowance(ref32, ref64, abs_sum=0.0):
 
 # ---- optimizer updates: kernels/optim_update.cu --------------------------------------------
 #
-# In place, one tensor (or flat vector) per call. The kernels round every operation as
+# In place: SGD and AdamW on lists of tensors (a model's, one launch), the server rules on
+# one flat vector per call. The kernels round every operation as
 # NumPy does, in the same order, and their float32 coefficients are rounded here from the
 # same Python doubles the NumPy code multiplies by: kernel and reference agree bit for bit.
 
@@ -225,6 +226,11 @@ def _written(*arrays) -> None:
     for a in arrays:
         if a is not None and not a.flags.c_contiguous:
             raise ValueError(f"arrays updated in place must be C-contiguous, got strides {a.strides}")
+
+
+def _address(a) -> int:
+    """The device address of a CuPy array's first element."""
+    return a.data.ptr
 
 
 _NO_HALT: dict = {}   # a zero halt flag per array module and device, for updates nobody halts
@@ -243,6 +249,11 @@ def _halt(halt, w):
     return _NO_HALT[key]
 
 
+def _given(*arrays) -> list:
+    """The arrays that are not None."""
+    return [a for a in arrays if a is not None]
+
+
 def _halted(halt) -> bool:
     """The reference path's reading of a halt flag (a host read where the flag is on a GPU)."""
     return halt is not None and bool(halt[0] != 0)
@@ -253,100 +264,155 @@ def _launch_flat(kernel, n: int, *args) -> None:
     kernel(_grid_flat(n), (ELEMENTWISE_BLOCK,), args)
 
 
-def sgd_update_ref(w, g, lr: float, wd: float = 0.0, momentum: float = 0.0, nesterov: bool = False,
-                   buf=None, first: bool = False, halt=None) -> None:
-    """One tensor's step of hpdl.optim.SGD, in place on w and buf:
+def _check_tensors(what: str, arrays: list, values: list) -> None:
+    """Per-tensor lists must have one entry per tensor: `arrays` one array of one shape each,
+    `values` one number each."""
+    count = len(arrays[0])
+    for column in (*arrays, *values):
+        if len(column) != count:
+            raise ValueError(f"{what}: lists of {count} and {len(column)} tensors")
+    for row in zip(*arrays):
+        _check_same(*row)
 
-        d = w wd + g  (wd != 0);  buf = d on the first step, else buf mu + d;
+
+# One row per tensor of sgd_update's and adamw_update's tables: struct SgdRow and struct
+# AdamwRow in kernels/optim_update.cu, field for field.
+SGD_ROW = np.dtype([("w", "u8"), ("g", "u8"), ("buf", "u8"), ("n", "u8"), ("first_block", "u8"),
+                    ("lr", "f4"), ("wd", "f4"), ("first", "i4"), ("unused", "i4")])
+ADAMW_ROW = np.dtype([("w", "u8"), ("g", "u8"), ("m", "u8"), ("v", "u8"), ("n", "u8"), ("first_block", "u8"),
+                      ("decay", "f4"), ("step_size", "f4"), ("apply_decay", "i4"), ("unused", "i4")])
+
+
+def _table(row: np.dtype, arrays: dict[str, list]) -> tuple[np.ndarray, int]:
+    """(rows, blocks): a table of `row`s with the addresses of `arrays` (field -> one array per
+    tensor) and each tensor's share of the ELEMENTWISE_BLOCK-thread blocks, `blocks` in all."""
+    sizes = np.array([a.size for a in arrays["w"]], dtype=np.int64)
+    rows = np.zeros(len(sizes), dtype=row)
+    for field, column in arrays.items():
+        rows[field] = [_address(a) for a in column]
+    per_tensor = -(-sizes // ELEMENTWISE_BLOCK)
+    rows["n"], rows["first_block"] = sizes, np.cumsum(per_tensor) - per_tensor
+    return rows, int(per_tensor.sum())
+
+
+def _launch_table(kernel, rows: np.ndarray, blocks: int, like, *args) -> None:
+    """Run a kernel over a table of tensors (_table): the rows go to `like`'s device in one copy."""
+    if blocks == 0:
+        return
+    table = array_module(like).asarray(rows.view(np.uint8))
+    kernel((min(blocks, MAX_GRID),), (ELEMENTWISE_BLOCK,), (table, np.int32(len(rows)), np.uint64(blocks), *args))
+
+
+def sgd_update_ref(ws, gs, lrs, wds, momentum: float = 0.0, nesterov: bool = False,
+                   bufs=None, firsts=None, halt=None) -> None:
+    """One step of hpdl.optim.SGD on each tensor w of `ws`, in place on w and its buffer:
+
+        d = w wd + g  (wd != 0);  buf = d on its first step, else buf mu + d;
         d = buf mu + d  (Nesterov)  or  d = buf;  w -= lr d
 
-    buf: the momentum buffer, required when momentum != 0 and overwritten when `first`.
-    halt: None, or a float32 flag of shape (1,); non-zero leaves w and buf as they are.
+    ws, gs, lrs, wds (and bufs, firsts where momentum != 0): one entry per tensor; bufs are
+    the momentum buffers, overwritten where `firsts` is true.
+    halt: None, or a float32 flag of shape (1,); non-zero leaves every array as it is.
     """
     if _halted(halt):
         return
-    d = g
-    if wd:
-        d = w * wd
-        d += g
-    if momentum:
-        if first:
-            buf[...] = d
-        else:
-            buf *= momentum
-            buf += d
-        if nesterov:
-            ahead = buf * momentum
-            ahead += d
-            d = ahead
-        else:
-            d = buf
-    w -= lr * d
+    for k, (w, g, lr, wd) in enumerate(zip(ws, gs, lrs, wds)):
+        d = g
+        if wd:
+            d = w * wd
+            d += g
+        if momentum:
+            buf = bufs[k]
+            if firsts[k]:
+                buf[...] = d
+            else:
+                buf *= momentum
+                buf += d
+            if nesterov:
+                ahead = buf * momentum
+                ahead += d
+                d = ahead
+            else:
+                d = buf
+        w -= lr * d
 
 
-def sgd_update(w, g, lr: float, wd: float = 0.0, momentum: float = 0.0, nesterov: bool = False,
-               buf=None, first: bool = False, halt=None) -> None:
-    """sgd_update_ref in one kernel launch on the GPU."""
-    if momentum and buf is None:
-        raise ValueError("SGD with momentum needs its buffer: pass buf")
-    buf = buf if momentum else None
-    _check_same(w, g, buf)
-    if not _use_kernel(*(a for a in (w, g, buf, halt) if a is not None)):
-        return sgd_update_ref(w, g, lr, wd, momentum, nesterov, buf, first, halt)
-    _written(w, buf)
-    g = array_module(g).ascontiguousarray(g)
-    _launch_flat(load("optim_update").get_function("sgd_update"),
-                 w.size, w, g, w if buf is None else buf, np.uint64(w.size),
-                 np.float32(lr), np.float32(wd), np.float32(momentum), np.int32(nesterov),
-                 np.int32(first), _halt(halt, w))
+def sgd_update(ws, gs, lrs, wds, momentum: float = 0.0, nesterov: bool = False,
+               bufs=None, firsts=None, halt=None) -> None:
+    """sgd_update_ref in one kernel launch on the GPU, however many tensors."""
+    if momentum and (bufs is None or firsts is None):
+        raise ValueError("SGD with momentum needs its buffers: pass bufs and firsts")
+    bufs = bufs if momentum else None
+    _check_tensors("sgd_update", [ws, gs, *([bufs] if momentum else [])],
+                   [lrs, wds, *([firsts] if momentum else [])])
+    if not ws:
+        return
+    if not _use_kernel(*ws, *gs, *(bufs or ()), *_given(halt)):
+        return sgd_update_ref(ws, gs, lrs, wds, momentum, nesterov, bufs, firsts, halt)
+    _written(*ws, *(bufs or ()))
+    xp = array_module(ws[0])
+    # The contiguous copies stay referenced in `gs` until the launch is queued.
+    gs = [xp.ascontiguousarray(g) for g in gs]
+    rows, blocks = _table(SGD_ROW, {"w": ws, "g": gs, "buf": bufs or ws})
+    rows["lr"], rows["wd"] = lrs, wds
+    rows["first"] = firsts if momentum else 0
+    _launch_table(load("optim_update").get_function("sgd_update"), rows, blocks, ws[0],
+                  np.float32(momentum), np.int32(nesterov), _halt(halt, ws[0]))
 
 
-def adamw_update_ref(w, g, m, v, lr: float, step: int, wd: float = 0.0,
-                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, halt=None) -> None:
-    """One tensor's step of hpdl.optim.AdamW at step t = `step` (1 on the first), in place:
+def adamw_update_ref(ws, gs, ms, vs, lrs, step: int, wds, betas: tuple[float, float] = (0.9, 0.999),
+                     eps: float = 1e-8, halt=None) -> None:
+    """One step of hpdl.optim.AdamW at step t = `step` (1 on the first) on each tensor w of
+    `ws`, in place on w and its moments m, v:
 
         w *= 1 - lr wd;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
         w -= lr / (1-b1^t) * m / (sqrt(v) / sqrt(1-b2^t) + eps)
 
-    halt: as for sgd_update_ref.
+    ws, gs, ms, vs, lrs, wds: one entry per tensor.  halt: as for sgd_update_ref.
     """
     if _halted(halt):
         return
-    xp = array_module(w)
     b1, b2 = betas
-    if wd:
-        w *= 1.0 - lr * wd
-    s = g * (1.0 - b1)
-    m *= b1
-    m += s
-    xp.multiply(g, g, out=s)
-    s *= 1.0 - b2
-    v *= b2
-    v += s
-    xp.sqrt(v, out=s)
-    s /= math.sqrt(1.0 - b2 ** step)
-    s += eps
-    xp.divide(m, s, out=s)
-    s *= lr / (1.0 - b1 ** step)
-    w -= s
+    for w, g, m, v, lr, wd in zip(ws, gs, ms, vs, lrs, wds):
+        xp = array_module(w)
+        if wd:
+            w *= 1.0 - lr * wd
+        s = g * (1.0 - b1)
+        m *= b1
+        m += s
+        xp.multiply(g, g, out=s)
+        s *= 1.0 - b2
+        v *= b2
+        v += s
+        xp.sqrt(v, out=s)
+        s /= math.sqrt(1.0 - b2 ** step)
+        s += eps
+        xp.divide(m, s, out=s)
+        s *= lr / (1.0 - b1 ** step)
+        w -= s
 
 
-def adamw_update(w, g, m, v, lr: float, step: int, wd: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, halt=None) -> None:
-    """adamw_update_ref in one kernel launch on the GPU (12 CuPy launches in the reference)."""
+def adamw_update(ws, gs, ms, vs, lrs, step: int, wds, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, halt=None) -> None:
+    """adamw_update_ref in one kernel launch on the GPU (12 CuPy launches per tensor in the reference)."""
     if step < 1:
         raise ValueError(f"AdamW steps count from 1, got {step}")
-    _check_same(w, g, m, v)
-    if not _use_kernel(*(a for a in (w, g, m, v, halt) if a is not None)):
-        return adamw_update_ref(w, g, m, v, lr, step, wd, betas, eps, halt)
-    _written(w, m, v)
-    g = array_module(g).ascontiguousarray(g)
+    _check_tensors("adamw_update", [ws, gs, ms, vs], [lrs, wds])
+    if not ws:
+        return
+    if not _use_kernel(*ws, *gs, *ms, *vs, *_given(halt)):
+        return adamw_update_ref(ws, gs, ms, vs, lrs, step, wds, betas, eps, halt)
+    _written(*ws, *ms, *vs)
+    xp = array_module(ws[0])
+    gs = [xp.ascontiguousarray(g) for g in gs]   # referenced until the launch is queued
+    rows, blocks = _table(ADAMW_ROW, {"w": ws, "g": gs, "m": ms, "v": vs})
     b1, b2 = betas
+    rows["decay"] = [1.0 - lr * wd for lr, wd in zip(lrs, wds)]
+    rows["step_size"] = [lr / (1.0 - b1 ** step) for lr in lrs]
+    rows["apply_decay"] = [bool(wd) for wd in wds]
     f = np.float32
-    _launch_flat(load("optim_update").get_function("adamw_update"),
-                 w.size, w, g, m, v, np.uint64(w.size), f(1.0 - lr * wd),
-                 np.int32(bool(wd)), f(b1), f(1.0 - b1), f(b2), f(1.0 - b2),
-                 f(math.sqrt(1.0 - b2 ** step)), f(eps), f(lr / (1.0 - b1 ** step)), _halt(halt, w))
+    _launch_table(load("optim_update").get_function("adamw_update"), rows, blocks, ws[0],
+                  f(b1), f(1.0 - b1), f(b2), f(1.0 - b2), f(math.sqrt(1.0 - b2 ** step)), f(eps), _halt(halt, ws[0]))
 
 
 def dcasgd_update_ref(w, backup, g, lr: float, lambda_dc: float, ms=None,
@@ -384,7 +450,7 @@ def dcasgd_update(w, backup, g, lr: float, lambda_dc: float, ms=None,
     if ms is not None and (ms_decay is None or eps_dc is None):
         raise ValueError("DC-ASGD-a (ms given) needs ms_decay and eps_dc")
     _check_same(w, backup, g, ms)
-    if not _use_kernel(*(a for a in (w, backup, g, ms) if a is not None)):
+    if not _use_kernel(*_given(w, backup, g, ms)):
         return dcasgd_update_ref(w, backup, g, lr, lambda_dc, ms, ms_decay, eps_dc)
     _written(w, backup, ms)
     g = array_module(g).ascontiguousarray(g)
@@ -772,11 +838,6 @@ def on_kernel_path(*arrays) -> bool:
 
 SUM_SQUARES_MAX_PARTIALS = 256   # blocks per tensor in stage 1; stage 2 adds them in one block
 SUM_SQUARES_PER_THREAD = 4       # elements a stage-1 thread reads at least, so small tensors take few blocks
-
-
-def _address(a) -> int:
-    """The device address of a CuPy array's first element."""
-    return a.data.ptr
 
 
 def sum_squares_ref(arrays):

@@ -1,7 +1,8 @@
-// Fused optimizer updates, one pass per tensor, float32: SGD (momentum, Nesterov, weight
-// decay), AdamW, the DC-ASGD server update with its backup weights, and the EASGD elastic
-// steps. Each replaces a chain of 5-12 element-wise CuPy operations (each a launch and a
-// full read/write of the tensor) by one launch that reads and writes every array once.
+// Fused optimizer updates, float32: SGD (momentum, Nesterov, weight decay) and AdamW over
+// all of a model's tensors in one launch, the DC-ASGD server update with its backup weights,
+// and the EASGD elastic steps. Each replaces a chain of 5-12 element-wise CuPy operations
+// (each a launch and a full read/write of the tensor) by one launch that reads and writes
+// every array once.
 //
 // Every operation is an explicit round-to-nearest intrinsic (__fmul_rn, __fadd_rn, ...) in
 // the order hpdl's NumPy code performs it: the intrinsics are never contracted into FMAs,
@@ -13,51 +14,93 @@
 // All arrays: n elements, any shape, C-contiguous. Launch: a 1-D grid of any size; the
 // grid-stride loops cover the rest.
 //
-// halt (SGD, AdamW): one float on the device; non-zero leaves every array untouched. The
-// optimizer's gradient check writes it on the device, so a refused update costs the host
-// no read-back (hpdl/optim/base.py, defer_check).
+// SGD and AdamW take a table with one row per tensor, so that a model's tens of small
+// biases and scales cost one launch rather than one each (a launch costs the host more
+// than such a tensor costs the GPU). Tensor t owns the virtual blocks
+// [first_block, first_block + ceil(n / blockDim.x)) of the `blocks` in all, one thread per
+// element; a block finds its row by binary search, and the grid strides over the blocks.
+//
+// halt: one float on the device; non-zero leaves every array untouched. The optimizer's
+// gradient check writes it on the device, so a refused update costs the host no read-back
+// (hpdl/optim/base.py, check_on_device).
 
-// SGD as hpdl/optim/sgd.py (torch.optim.SGD without dampening), in place:
+// The row of virtual block b: the last of the T rows whose first_block <= b (a tensor with
+// no elements shares its first_block with the next row, and so is never chosen).
+template <class Row>
+__device__ int row_of(const Row* rows, int T, unsigned long long b) {
+    int lo = 0, hi = T - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (rows[mid].first_block <= b) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// One row of sgd_update's table: 56 bytes, hpdl/kernels.py SGD_ROW.
+struct SgdRow {
+    float* w;
+    const float* g;
+    float* buf;                      // the momentum buffer (any pointer when mu == 0)
+    unsigned long long n, first_block;
+    float lr, wd;
+    int first, unused;               // first: buf is overwritten (its first step)
+};
+
+// SGD as hpdl/optim/sgd.py (torch.optim.SGD without dampening), each row in place:
 //   d = w wd + g  (wd != 0);  buf = d (first step) or buf mu + d;
 //   d = buf mu + d (Nesterov) or buf;  w = w - lr d
-// mu == 0: no momentum, buf is never touched (any pointer will do).
-extern "C" __global__ void sgd_update(float* w, const float* g, float* buf, size_t n, float lr,
-                                      float wd, float mu, int nesterov, int first, const float* halt) {
+// mu == 0: no momentum, buf is never touched.
+extern "C" __global__ void sgd_update(const SgdRow* rows, int T, unsigned long long blocks, float mu,
+                                      int nesterov, const float* halt) {
     if (*halt != 0.0f) return;
-    for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
-         k += (size_t)blockDim.x * gridDim.x) {
-        float wk = w[k];
-        float d = g[k];
-        if (wd != 0.0f) d = __fadd_rn(__fmul_rn(wk, wd), d);
+    for (unsigned long long b = blockIdx.x; b < blocks; b += gridDim.x) {
+        const SgdRow r = rows[row_of(rows, T, b)];
+        const size_t k = (size_t)(b - r.first_block) * blockDim.x + threadIdx.x;
+        if (k >= r.n) continue;
+        float wk = r.w[k];
+        float d = r.g[k];
+        if (r.wd != 0.0f) d = __fadd_rn(__fmul_rn(wk, r.wd), d);
         if (mu != 0.0f) {
-            float b = first ? d : __fadd_rn(__fmul_rn(buf[k], mu), d);
-            buf[k] = b;
-            d = nesterov ? __fadd_rn(__fmul_rn(b, mu), d) : b;
+            float buf = r.first ? d : __fadd_rn(__fmul_rn(r.buf[k], mu), d);
+            r.buf[k] = buf;
+            d = nesterov ? __fadd_rn(__fmul_rn(buf, mu), d) : buf;
         }
-        w[k] = __fsub_rn(wk, __fmul_rn(lr, d));
+        r.w[k] = __fsub_rn(wk, __fmul_rn(r.lr, d));
     }
 }
 
-// AdamW as hpdl/optim/adamw.py (torch.optim.AdamW, no amsgrad) at step t, in place:
-//   w = w decay (apply_decay; decay = 1 - lr wd);  m = m b1 + g c1;  v = v b2 + g^2 c2;
+// One row of adamw_update's table: 64 bytes, hpdl/kernels.py ADAMW_ROW.
+struct AdamwRow {
+    float* w;
+    const float* g;
+    float* m;
+    float* v;
+    unsigned long long n, first_block;
+    float decay, step_size;          // 1 - lr wd;  lr / (1 - b1^t)
+    int apply_decay, unused;         // apply_decay: wd != 0
+};
+
+// AdamW as hpdl/optim/adamw.py (torch.optim.AdamW, no amsgrad) at step t, each row in place:
+//   w = w decay (apply_decay);  m = m b1 + g c1;  v = v b2 + g^2 c2;
 //   w = w - m / (sqrt(v) / bc2 + eps) * step_size
-// with c1 = 1 - b1, c2 = 1 - b2, bc2 = sqrt(1 - b2^t), step_size = lr / (1 - b1^t).
-extern "C" __global__ void adamw_update(float* w, const float* g, float* m, float* v, size_t n,
-                                        float decay, int apply_decay, float b1, float c1,
-                                        float b2, float c2, float bc2, float eps,
-                                        float step_size, const float* halt) {
+// with c1 = 1 - b1, c2 = 1 - b2, bc2 = sqrt(1 - b2^t).
+extern "C" __global__ void adamw_update(const AdamwRow* rows, int T, unsigned long long blocks, float b1,
+                                        float c1, float b2, float c2, float bc2, float eps,
+                                        const float* halt) {
     if (*halt != 0.0f) return;
-    for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
-         k += (size_t)blockDim.x * gridDim.x) {
-        float wk = w[k], gk = g[k];
-        if (apply_decay) wk = __fmul_rn(wk, decay);
-        float mk = __fadd_rn(__fmul_rn(m[k], b1), __fmul_rn(gk, c1));
-        float vk = __fadd_rn(__fmul_rn(v[k], b2), __fmul_rn(__fmul_rn(gk, gk), c2));
+    for (unsigned long long b = blockIdx.x; b < blocks; b += gridDim.x) {
+        const AdamwRow r = rows[row_of(rows, T, b)];
+        const size_t k = (size_t)(b - r.first_block) * blockDim.x + threadIdx.x;
+        if (k >= r.n) continue;
+        float wk = r.w[k], gk = r.g[k];
+        if (r.apply_decay) wk = __fmul_rn(wk, r.decay);
+        float mk = __fadd_rn(__fmul_rn(r.m[k], b1), __fmul_rn(gk, c1));
+        float vk = __fadd_rn(__fmul_rn(r.v[k], b2), __fmul_rn(__fmul_rn(gk, gk), c2));
         float s = __fadd_rn(__fdiv_rn(__fsqrt_rn(vk), bc2), eps);
-        s = __fmul_rn(__fdiv_rn(mk, s), step_size);
-        m[k] = mk;
-        v[k] = vk;
-        w[k] = __fsub_rn(wk, s);
+        s = __fmul_rn(__fdiv_rn(mk, s), r.step_size);
+        r.m[k] = mk;
+        r.v[k] = vk;
+        r.w[k] = __fsub_rn(wk, s);
     }
 }
 

@@ -30,7 +30,12 @@ class AdamW(Optimizer):
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = float(eps)
 
-    def _update(self, key: str, w, g, lr: float, wd: float) -> None:
-        # One fused kernel on the GPU (kernels/optim_update.cu), its NumPy oracle elsewhere.
-        adamw_update(w, g, self._zeros(f"{key}/exp_avg", w), self._zeros(f"{key}/exp_avg_sq", w), lr,
-                     self.steps, wd, self.betas, self.eps, self._halt)
+    def _update_all(self, params, grads, rates) -> None:
+        # One fused kernel launch for every tensor on the GPU (kernels/optim_update.cu), its
+        # NumPy oracle elsewhere.
+        ws = [params[i][name] for i, name, _, _ in self._tensors]
+        adamw_update(ws, [grads[i][name] for i, name, _, _ in self._tensors],
+                     [self._zeros(f"{key}/exp_avg", w) for (_, _, key, _), w in zip(self._tensors, ws)],
+                     [self._zeros(f"{key}/exp_avg_sq", w) for (_, _, key, _), w in zip(self._tensors, ws)],
+                     [rates[i] for i, *_ in self._tensors], self.steps, [wd for *_, wd in self._tensors],
+                     self.betas, self.eps, self._halt)

@@ -23,7 +23,7 @@ class Optimizer:
     Each layer is one parameter group: its learning rate is lr[i] * lr_scale[i] and its
     weight decay weight_decay * wd_scale[i], except that the layer's `no_decay` names get
     no decay at all. Subclasses name their per-tensor buffers in `slots` and implement
-    `_update`; state lives under flat keys "layer/name/slot", plus the counter "step"
+    `_update_all`; state lives under flat keys "layer/name/slot", plus the counter "step"
     (and "skipped", once an update has been skipped).
 
     A step whose gradients or learning rates hold a NaN or Inf is never applied: with
@@ -40,7 +40,7 @@ class Optimizer:
     """
 
     slots: tuple[str, ...] = ()
-    halts = False  # True where _update hands self._halt to an update that honours it
+    halts = False  # True where _update_all hands self._halt to an update that honours it
 
     def __init__(self, layers: Sequence[Layer], weight_decay: float = 0.0,
                  lr_scale: Sequence[float] | None = None,
@@ -110,12 +110,7 @@ class Optimizer:
         xp.maximum(self._halt, refused, out=self._halt)
 
     def _update_all(self, params: list[Params], grads: list[dict[str, Any]], rates: list[float]) -> None:
-        """Apply the rule to every trainable tensor; rules that need all tensors first override this."""
-        for i, name, key, wd in self._tensors:
-            self._update(key, params[i][name], grads[i][name], rates[i], wd)
-
-    def _update(self, key: str, w, g, lr: float, wd: float) -> None:
-        """Apply the rule to one tensor `w` (state keys start with `key`)."""
+        """Apply the rule in place to every trainable tensor (`_tensors`), layer i at rate rates[i]."""
         raise NotImplementedError
 
     def _refuse(self, found: list[str]) -> None:

@@ -47,7 +47,7 @@ class LARS(SGD):
     Bias and normalization tensors (the layers' `no_decay` names) keep local = 1 and no decay.
     """
 
-    halts = False  # its update is not SGD's kernel
+    halts = False  # its trust ratios read the device back every step: a host check costs no more
 
     def __init__(self, layers: Sequence[Layer], momentum: float = 0.9, eta: float = 0.001,
                  eps: float = 1e-8, weight_decay: float = 0.0,
@@ -57,24 +57,27 @@ class LARS(SGD):
         super().__init__(layers, momentum, False, weight_decay, lr_scale, wd_scale)
         self.eta, self.eps = float(eta), float(eps)
         self._adapted = adapted(self)
-        self._norms: dict[str, np.ndarray] = {}  # this step's (||w||, ||g||) of each adapted tensor
         self.trust: dict[str, float] = {}  # the last step's trust ratio of each adapted tensor, by state key
 
     def _update_all(self, params, grads, rates) -> None:
-        tensors = [(key, params[i][name], grads[i][name]) for i, name, key, _ in self._tensors
-                   if key in self._adapted]
-        self._norms = dict(zip((key for key, *_ in tensors), pair_norms([(w, g) for _, w, g in tensors])))
-        super()._update_all(params, grads, rates)
+        ws = [params[i][name] for i, name, _, _ in self._tensors]
+        adapted = [(key, w, grads[i][name]) for (i, name, key, _), w in zip(self._tensors, ws) if key in self._adapted]
+        norms = dict(zip((key for key, *_ in adapted), pair_norms([(w, g) for _, w, g in adapted])))
+        steps = [self._step(key, w, grads[i][name], rates[i], wd, norms.get(key))
+                 for (i, name, key, wd), w in zip(self._tensors, ws)]
+        bufs, firsts = self._momentum_buffers(ws) if self.momentum else (None, None)
+        # b = mu b + d; w -= b: SGD's update of direction d at rate 1 without decay (its kernel on the GPU).
+        sgd_update(ws, steps, [1.0] * len(ws), [0.0] * len(ws), self.momentum, False, bufs, firsts)
 
-    def _update(self, key: str, w, g, lr: float, wd: float) -> None:
-        if key in self._adapted:
-            w_norm, g_norm = self._norms[key]
+    def _step(self, key: str, w, g, lr: float, wd: float, norms) -> object:
+        """d = lr local (g + wd w), a fresh array (the caller's gradient is only read); norms:
+        this step's (||w||, ||g||) for a tensor with a trust ratio, else None."""
+        if norms is not None:
+            w_norm, g_norm = norms
             self.trust[key] = trust_ratio(self.eta * w_norm, g_norm + wd * w_norm + self.eps)
             lr *= self.trust[key]
-        d = w * wd if wd else g.copy()  # a fresh array: the caller's gradient is only read
+        d = w * wd if wd else g.copy()
         if wd:
             d += g
         d *= lr
-        buf, first = self._momentum_buffer(f"{key}/momentum", w) if self.momentum else (None, False)
-        # b = mu b + d; w -= b: SGD's update of direction d at rate 1 without decay (its kernel on the GPU).
-        sgd_update(w, d, 1.0, 0.0, self.momentum, False, buf, first)
+        return d

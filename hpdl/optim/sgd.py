@@ -30,18 +30,23 @@ class SGD(Optimizer):
         self.nesterov = nesterov
         self.slots = ("momentum",) if momentum else ()
 
-    def _update(self, key: str, w, g, lr: float, wd: float) -> None:
-        # One fused kernel on the GPU (kernels/optim_update.cu), its NumPy oracle elsewhere.
-        buf, first = None, False
-        if self.momentum:
-            buf, first = self._momentum_buffer(f"{key}/momentum", w)
-        sgd_update(w, g, lr, wd, self.momentum, self.nesterov, buf, first, self._halt)
+    def _update_all(self, params, grads, rates) -> None:
+        # One fused kernel launch for every tensor on the GPU (kernels/optim_update.cu), its
+        # NumPy oracle elsewhere.
+        ws = [params[i][name] for i, name, _, _ in self._tensors]
+        bufs, firsts = self._momentum_buffers(ws) if self.momentum else (None, None)
+        sgd_update(ws, [grads[i][name] for i, name, _, _ in self._tensors], [rates[i] for i, *_ in self._tensors],
+                   [wd for *_, wd in self._tensors], self.momentum, self.nesterov, bufs, firsts, self._halt)
 
-    def _momentum_buffer(self, key: str, w):
-        """(buffer, first): the momentum buffer, and whether this is its first step (the update
-        then overwrites it; zeros until then, so a halted first update leaves a valid buffer)."""
-        buf = self._buffer(key, w)
-        if buf is not None:
-            return buf, False
-        buf = self.state[key] = array_module(w).zeros_like(w)
-        return buf, True
+    def _momentum_buffers(self, ws) -> tuple[list, list[bool]]:
+        """(buffers, firsts): each tensor's momentum buffer, and whether this is its first step
+        (the update then overwrites it; zeros until then, so a halted first update leaves a
+        valid buffer)."""
+        bufs, firsts = [], []
+        for (_, _, key, _), w in zip(self._tensors, ws):
+            buf = self._buffer(f"{key}/momentum", w)
+            firsts.append(buf is None)
+            if buf is None:
+                buf = self.state[f"{key}/momentum"] = array_module(w).zeros_like(w)
+            bufs.append(buf)
+        return bufs, firsts

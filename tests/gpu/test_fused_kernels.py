@@ -45,34 +45,41 @@ def _host(*arrays):
 
 # ---- optimizer updates ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("n", FLAT_SIZES)
+# One update table: an empty tensor among them, and more blocks in all than the grid's cap.
+TABLE_SIZES = [1, 0, 33, 1000, 65535 * 256 + 1, 7]
+
+
 @pytest.mark.parametrize("momentum,nesterov,wd", [(0.0, False, 0.0), (0.9, False, 1e-2), (0.9, True, 5e-4)])
-def test_sgd_update_bit_identical(n, momentum, nesterov, wd):
-    """Two steps (the buffer's first, then a later one) give the oracle's w and buffer exactly."""
+def test_sgd_update_bit_identical(momentum, nesterov, wd):
+    """Two steps over tensors of every size in one launch (the buffers' first step, then a later
+    one), with a rate and decay per tensor, give the oracle's weights and buffers exactly."""
     rng = np.random.default_rng(0)
-    w, buf = _randn(rng, n), np.empty(n, np.float32)
-    w_d, buf_d = _dev(w, buf)
-    for first, lr in ((True, 0.1), (False, 0.03)):
-        g = _randn(rng, n)
-        kernels.sgd_update(w_d, cp.asarray(g), lr, wd, momentum, nesterov, buf_d if momentum else None, first)
-        kernels.sgd_update_ref(w, g, lr, wd, momentum, nesterov, buf if momentum else None, first)
-    np.testing.assert_array_equal(cp.asnumpy(w_d), w)
-    if momentum:
-        np.testing.assert_array_equal(cp.asnumpy(buf_d), buf)
+    ws, bufs = [_randn(rng, n) for n in TABLE_SIZES], [np.empty(n, np.float32) for n in TABLE_SIZES]
+    ws_d, bufs_d = _dev(*ws), _dev(*bufs)
+    lrs, wds = [0.1 / (k + 1) for k in range(len(ws))], [wd * (k % 2) for k in range(len(ws))]
+    for first in (True, False):
+        gs = [_randn(rng, n) for n in TABLE_SIZES]
+        kernels.sgd_update(ws_d, _dev(*gs), lrs, wds, momentum, nesterov, bufs_d, [first] * len(ws))
+        kernels.sgd_update_ref(ws, gs, lrs, wds, momentum, nesterov, bufs, [first] * len(ws))
+    for dev, host in zip(ws_d + (bufs_d if momentum else []), ws + (bufs if momentum else [])):
+        np.testing.assert_array_equal(cp.asnumpy(dev), host)
 
 
-@pytest.mark.parametrize("n", FLAT_SIZES[:3])
 @pytest.mark.parametrize("wd", [0.0, 0.01])
-def test_adamw_update_bit_identical(n, wd):
-    """Three steps give the oracle's w, m and v exactly, including bias correction at t = 1."""
+def test_adamw_update_bit_identical(wd):
+    """Three steps over tensors of every size in one launch give the oracle's w, m and v exactly,
+    including bias correction at t = 1."""
     rng = np.random.default_rng(1)
-    w, m, v = _randn(rng, n), np.zeros(n, np.float32), np.zeros(n, np.float32)
-    w_d, m_d, v_d = _dev(w, m, v)
+    ws = [_randn(rng, n) for n in TABLE_SIZES]
+    ms, vs = [np.zeros(n, np.float32) for n in TABLE_SIZES], [np.zeros(n, np.float32) for n in TABLE_SIZES]
+    ws_d, ms_d, vs_d = _dev(*ws), _dev(*ms), _dev(*vs)
+    wds = [wd * (k % 2) for k in range(len(ws))]
     for t, lr in enumerate((1e-3, 2e-3, 5e-4), start=1):
-        g = _randn(rng, n, 0.1)
-        kernels.adamw_update(w_d, cp.asarray(g), m_d, v_d, lr, t, wd, (0.9, 0.999), 1e-8)
-        kernels.adamw_update_ref(w, g, m, v, lr, t, wd, (0.9, 0.999), 1e-8)
-    for dev, host in ((w_d, w), (m_d, m), (v_d, v)):
+        gs = [_randn(rng, n, 0.1) for n in TABLE_SIZES]
+        lrs = [lr * (k + 1) for k in range(len(ws))]
+        kernels.adamw_update(ws_d, _dev(*gs), ms_d, vs_d, lrs, t, wds, (0.9, 0.999), 1e-8)
+        kernels.adamw_update_ref(ws, gs, ms, vs, lrs, t, wds, (0.9, 0.999), 1e-8)
+    for dev, host in zip(ws_d + ms_d + vs_d, ws + ms + vs):
         np.testing.assert_array_equal(cp.asnumpy(dev), host)
 
 
@@ -83,12 +90,12 @@ def test_halted_updates_change_nothing():
     w, g = _randn(rng, 5000), _randn(rng, 5000)
     w_d, g_d, buf_d, m_d, v_d = _dev(w, g, w, np.zeros_like(w), np.zeros_like(w))
     halted, clear = cp.ones(1, cp.float32), cp.zeros(1, cp.float32)
-    kernels.sgd_update(w_d, g_d, 0.1, 0.01, 0.9, False, buf_d, False, halted)
-    kernels.adamw_update(w_d, g_d, m_d, v_d, 1e-3, 1, 0.01, halt=halted)
+    kernels.sgd_update([w_d], [g_d], [0.1], [0.01], 0.9, False, [buf_d], [False], halted)
+    kernels.adamw_update([w_d], [g_d], [m_d], [v_d], [1e-3], 1, [0.01], halt=halted)
     for dev, host in ((w_d, w), (buf_d, w), (m_d, np.zeros_like(w)), (v_d, np.zeros_like(w))):
         np.testing.assert_array_equal(cp.asnumpy(dev), host)
-    kernels.sgd_update(w_d, g_d, 0.1, halt=clear)
-    kernels.sgd_update_ref(w, g, 0.1)
+    kernels.sgd_update([w_d], [g_d], [0.1], [0.0], halt=clear)
+    kernels.sgd_update_ref([w], [g], [0.1], [0.0])
     np.testing.assert_array_equal(cp.asnumpy(w_d), w)
 
 
@@ -107,11 +114,11 @@ def test_any_nonfinite_parity():
         assert float(flag[0]) == ref[0] == (position is not None), position
 
 
+@pytest.mark.parametrize("n", FLAT_SIZES)
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_dcasgd_update_bit_identical(adaptive):
+def test_dcasgd_update_bit_identical(n, adaptive):
     """The server update gives the oracle's w, backup row (= the new w) and mean square exactly."""
     rng = np.random.default_rng(2)
-    n = 5000
     w, backup, g = _randn(rng, n), _randn(rng, n), _randn(rng, n)
     ms = np.abs(_randn(rng, n)) if adaptive else None
     w_d, backup_d, g_d = _dev(w, backup, g)
@@ -158,7 +165,7 @@ def test_updates_refuse_strided_in_place_arrays():
     """A non-contiguous array to be written in place is an error, not a silently updated copy."""
     w = cp.zeros(20, dtype=cp.float32)[::2]
     with pytest.raises(ValueError, match="C-contiguous"):
-        kernels.sgd_update(w, cp.zeros(10, dtype=cp.float32), 0.1)
+        kernels.sgd_update([w], [cp.zeros(10, dtype=cp.float32)], [0.1], [0.0])
 
 
 def test_float64_updates_take_the_reference_path():
@@ -167,8 +174,8 @@ def test_float64_updates_take_the_reference_path():
     w, m, v, g = (rng.standard_normal(100) for _ in range(4))
     v = np.abs(v)
     w_d, m_d, v_d, g_d = _dev(w, m, v, g)
-    kernels.adamw_update(w_d, g_d, m_d, v_d, 1e-3, 3, 0.01)
-    kernels.adamw_update_ref(w, g, m, v, 1e-3, 3, 0.01)
+    kernels.adamw_update([w_d], [g_d], [m_d], [v_d], [1e-3], 3, [0.01])
+    kernels.adamw_update_ref([w], [g], [m], [v], [1e-3], 3, [0.01])
     assert w_d.dtype == cp.float64
     np.testing.assert_allclose(cp.asnumpy(w_d), w, rtol=1e-12)
 

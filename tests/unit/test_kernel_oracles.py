@@ -45,21 +45,22 @@ def _tensors(layers, params):
                          [(0.0, False, 0.0), (0.0, False, 0.01), (0.9, False, 0.0), (0.9, False, 0.01),
                           (0.9, True, 0.01)])
 def test_sgd_oracle_equals_hpdl_sgd(momentum, nesterov, weight_decay):
-    """Three steps of sgd_update_ref per tensor give bit-identical weights and momentum
-    buffers to hpdl.optim.SGD (decay on weights only, buffer created on the first step)."""
+    """Three steps of sgd_update_ref give bit-identical weights and momentum buffers to
+    hpdl.optim.SGD (decay on weights only, buffers overwritten on the first step)."""
     layers, params, grads = _layers_and_params()
-    mine = [{k: v.copy() for k, v in p.items()} for p in params]
-    bufs = {(i, name): np.empty_like(mine[i][name]) for i, name, _ in _tensors(layers, params)}
+    tensors = _tensors(layers, params)
+    mine = [np.copy(params[i][name]) for i, name, _ in tensors]
+    bufs = [np.full_like(w, np.nan) for w in mine]   # the first step must overwrite them
+    wds = [weight_decay if decays else 0.0 for *_, decays in tensors]
     opt = SGD(layers, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     for t, (lr, g) in enumerate(zip(RATES, grads)):
         opt.step(params, g, lr)
-        for i, name, decays in _tensors(layers, params):
-            kernels.sgd_update_ref(mine[i][name], g[i][name], lr, weight_decay if decays else 0.0,
-                                   momentum, nesterov, bufs[(i, name)] if momentum else None, first=t == 0)
-    for i, name, _ in _tensors(layers, params):
-        np.testing.assert_array_equal(mine[i][name], params[i][name])
+        kernels.sgd_update_ref(mine, [g[i][name] for i, name, _ in tensors], [lr] * len(tensors), wds,
+                               momentum, nesterov, bufs, [t == 0] * len(tensors))
+    for (i, name, _), w, buf in zip(tensors, mine, bufs):
+        np.testing.assert_array_equal(w, params[i][name])
         if momentum:
-            np.testing.assert_array_equal(bufs[(i, name)], opt.state[f"{i}/{name}/momentum"])
+            np.testing.assert_array_equal(buf, opt.state[f"{i}/{name}/momentum"])
     assert params[0]["W"].dtype == np.float32
 
 
@@ -67,19 +68,17 @@ def test_sgd_oracle_equals_hpdl_sgd(momentum, nesterov, weight_decay):
 def test_adamw_oracle_equals_hpdl_adamw(weight_decay):
     """Three steps of adamw_update_ref give bit-identical weights and moments to hpdl.optim.AdamW."""
     layers, params, grads = _layers_and_params()
-    mine = [{k: v.copy() for k, v in p.items()} for p in params]
-    moments = {(i, name): (np.zeros_like(mine[i][name]), np.zeros_like(mine[i][name]))
-               for i, name, _ in _tensors(layers, params)}
+    tensors = _tensors(layers, params)
+    mine = [np.copy(params[i][name]) for i, name, _ in tensors]
+    ms, vs = [np.zeros_like(w) for w in mine], [np.zeros_like(w) for w in mine]
+    wds = [weight_decay if decays else 0.0 for *_, decays in tensors]
     opt = AdamW(layers, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay)
     for t, (lr, g) in enumerate(zip(RATES, grads), start=1):
         opt.step(params, g, lr)
-        for i, name, decays in _tensors(layers, params):
-            m, v = moments[(i, name)]
-            kernels.adamw_update_ref(mine[i][name], g[i][name], m, v, lr, t,
-                                     weight_decay if decays else 0.0, (0.8, 0.99), 1e-6)
-    for i, name, _ in _tensors(layers, params):
-        np.testing.assert_array_equal(mine[i][name], params[i][name])
-        m, v = moments[(i, name)]
+        kernels.adamw_update_ref(mine, [g[i][name] for i, name, _ in tensors], ms, vs, [lr] * len(tensors), t,
+                                 wds, (0.8, 0.99), 1e-6)
+    for (i, name, _), w, m, v in zip(tensors, mine, ms, vs):
+        np.testing.assert_array_equal(w, params[i][name])
         np.testing.assert_array_equal(m, opt.state[f"{i}/{name}/exp_avg"])
         np.testing.assert_array_equal(v, opt.state[f"{i}/{name}/exp_avg_sq"])
 
@@ -185,8 +184,8 @@ def test_numpy_inputs_take_the_reference_path():
     rng = np.random.default_rng(8)
     w, g = rng.standard_normal((2, 6)).astype(np.float32)
     w1, buf1, w2, buf2 = w.copy(), np.empty_like(w), w.copy(), np.empty_like(w)
-    kernels.sgd_update(w1, g, 0.1, 0.01, 0.9, True, buf1, first=True)
-    kernels.sgd_update_ref(w2, g, 0.1, 0.01, 0.9, True, buf2, first=True)
+    kernels.sgd_update([w1], [g], [0.1], [0.01], 0.9, True, [buf1], [True])
+    kernels.sgd_update_ref([w2], [g], [0.1], [0.01], 0.9, True, [buf2], [True])
     np.testing.assert_array_equal(w1, w2)
     x = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
     np.testing.assert_array_equal(kernels.im2col(x, 3, 1, 1), kernels.im2col_ref(x, 3, 1, 1))
@@ -200,9 +199,11 @@ def test_argument_errors_are_reported():
     """Mismatched shapes, a missing momentum buffer and a non-fitting conv raise ValueError."""
     z = np.zeros(4, np.float32)
     with pytest.raises(ValueError, match=r"\(3,\) and \(4,\)"):
-        kernels.adamw_update(z, np.zeros(3, np.float32), z.copy(), z.copy(), 0.1, 1)
+        kernels.adamw_update([z], [np.zeros(3, np.float32)], [z.copy()], [z.copy()], [0.1], 1, [0.0])
+    with pytest.raises(ValueError, match="lists of 1 and 2 tensors"):
+        kernels.sgd_update([z], [z], [0.1, 0.2], [0.0])
     with pytest.raises(ValueError, match="buf"):
-        kernels.sgd_update(z, z, 0.1, momentum=0.9)
+        kernels.sgd_update([z], [z], [0.1], [0.0], momentum=0.9)
     with pytest.raises(ValueError, match="ms_decay"):
         kernels.dcasgd_update(z, z.copy(), z, 0.1, 2.0, ms=z.copy())
     with pytest.raises(ValueError, match="does not fit"):

@@ -194,33 +194,46 @@ def _f32(rng, *shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
+# Tensor sizes around the block size, an empty one among them, and more virtual blocks (16)
+# than the patched 3-block grid: every block search and grid-stride wrap is exercised.
+SIZES = (300, 0, 7, 256, 1, 2000, 257)
+
+
 @pytest.mark.parametrize("momentum,nesterov,wd", [(0.0, False, 0.0), (0.9, False, 0.01), (0.9, True, 5e-4)])
 def test_host_sgd_kernel_is_bit_identical(host_kernels, momentum, nesterov, wd):
-    """sgd_update's kernel source and launcher give the oracle's w and buffer bit for bit over two steps."""
+    """sgd_update's kernel source and launcher, one launch over tensors of several sizes with
+    a rate and decay each, give the oracle's weights and buffers bit for bit over two steps
+    (the first overwriting the buffers of all tensors but one, which already has its own)."""
     rng = np.random.default_rng(0)
-    w = _f32(rng, 2000)
-    w_ref, buf, buf_ref = w.copy(), np.empty_like(w), np.empty_like(w)
-    for first, lr in ((True, 0.1), (False, 0.03)):
-        g = _f32(rng, 2000)
-        host_kernels.sgd_update(w, g, lr, wd, momentum, nesterov, buf if momentum else None, first)
-        host_kernels.sgd_update_ref(w_ref, g, lr, wd, momentum, nesterov, buf_ref if momentum else None, first)
-    np.testing.assert_array_equal(w, w_ref)
-    if momentum:
-        np.testing.assert_array_equal(buf, buf_ref)
+    ws = [_f32(rng, n) for n in SIZES]
+    bufs = [_f32(rng, n) for n in SIZES]
+    ws_ref, bufs_ref = [w.copy() for w in ws], [b.copy() for b in bufs]
+    lrs, wds = [0.1 / (k + 1) for k in range(len(SIZES))], [wd * (k % 2) for k in range(len(SIZES))]
+    for firsts in ([k != 3 for k in range(len(SIZES))], [False] * len(SIZES)):
+        gs = [_f32(rng, n) for n in SIZES]
+        host_kernels.sgd_update(ws, gs, lrs, wds, momentum, nesterov, bufs, firsts)
+        host_kernels.sgd_update_ref(ws_ref, gs, lrs, wds, momentum, nesterov, bufs_ref, firsts)
+    assert host_kernels.launches["sgd_update"] == 2
+    for mine, theirs in zip(ws + bufs, ws_ref + bufs_ref):
+        np.testing.assert_array_equal(mine, theirs)
 
 
 def test_host_adamw_and_server_kernels_are_bit_identical(host_kernels):
-    """adamw_update, dcasgd_update (both variants) and the three EASGD kernels equal their oracles bit for bit."""
+    """adamw_update (one launch over tensors of several sizes), dcasgd_update (both variants)
+    and the three EASGD kernels equal their oracles bit for bit."""
     rng = np.random.default_rng(1)
-    n = 1500
-    w, m, v = _f32(rng, n), np.zeros(n, np.float32), np.zeros(n, np.float32)
-    ref = [a.copy() for a in (w, m, v)]
+    ws, ms = [_f32(rng, n) for n in SIZES], [np.zeros(n, np.float32) for n in SIZES]
+    vs = [_f32(rng, n) ** 2 for n in SIZES]
+    ws_ref, ms_ref, vs_ref = ([a.copy() for a in arrays] for arrays in (ws, ms, vs))
+    lrs, wds = [1e-3 * (k + 1) for k in range(len(SIZES))], [0.01 * (k % 2) for k in range(len(SIZES))]
     for t in (1, 2, 3):
-        g = _f32(rng, n) * np.float32(0.1)
-        host_kernels.adamw_update(w, g, m, v, 1e-3 * t, t, 0.01, (0.9, 0.999), 1e-8)
-        host_kernels.adamw_update_ref(*ref[:1], g, *ref[1:], 1e-3 * t, t, 0.01, (0.9, 0.999), 1e-8)
-    for mine, theirs in zip((w, m, v), ref):
+        gs = [_f32(rng, n) * np.float32(0.1) for n in SIZES]
+        host_kernels.adamw_update(ws, gs, ms, vs, lrs, t, wds, (0.9, 0.999), 1e-8)
+        host_kernels.adamw_update_ref(ws_ref, gs, ms_ref, vs_ref, lrs, t, wds, (0.9, 0.999), 1e-8)
+    assert host_kernels.launches["adamw_update"] == 3
+    for mine, theirs in zip(ws + ms + vs, ws_ref + ms_ref + vs_ref):
         np.testing.assert_array_equal(mine, theirs)
+    n = 1500
     for ms in (None, np.abs(_f32(rng, n))):
         w, bak, g = _f32(rng, n), _f32(rng, n), _f32(rng, n)
         w_ref, bak_ref, ms_ref = w.copy(), bak.copy(), None if ms is None else ms.copy()
