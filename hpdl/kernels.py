@@ -67,10 +67,11 @@ def _grid_flat(n: int) -> tuple[int]:
 # ---- bias + ReLU ---------------------------------------------------------------------------
 
 def bias_relu_forward_ref(x, b, out=None):
-    """y = max(x + b, 0).  x: (B, N)  b: (N,)  ->  y: (B, N), written to `out` if given."""
+    """y = u (u > 0), u = x + b: hpdl's ReLU of the biased x (a NaN or -Inf u gives NaN).
+    x: (B, N)  b: (N,)  ->  y: (B, N), written to `out` if given."""
     xp = array_module(x)
     y = xp.add(x, b, out=out)
-    return xp.maximum(y, 0, out=y)
+    return xp.multiply(y, y > 0, out=y)
 
 
 def bias_relu_backward_ref(y, dy, out=None):
@@ -79,7 +80,7 @@ def bias_relu_backward_ref(y, dy, out=None):
 
 
 def bias_relu_forward(x, b, out=None):
-    """y = max(x + b, 0); out=x computes it in place."""
+    """bias_relu_forward_ref in one launch on the GPU; out=x computes it in place."""
     _check_bias(x, b)
     if not _use_kernel(x, b):
         return bias_relu_forward_ref(x, b, out)
@@ -93,17 +94,34 @@ def bias_relu_forward(x, b, out=None):
 
 
 def bias_relu_backward(y, dy, out=None):
-    """dx = dy * (y > 0), y the forward output; out=dy computes it in place."""
+    """dx = dy * (y > 0), y the forward output; out=dy computes it in place.
+
+    On the GPU one launch whenever y, dy (and out) share one dense layout, whatever its axis
+    order: conv's batch-innermost activations as well as C-contiguous ones, with no copy.
+    """
     if y.shape != dy.shape:
         raise ValueError(f"y {y.shape} and dy {dy.shape} differ")
-    if not _use_kernel(y, dy):
+    if not _use_kernel(y, dy) or not _dense_alike(y, dy, *_given(out)):
         return bias_relu_backward_ref(y, dy, out)
-    cp = array_module(y)
-    y, dy = cp.ascontiguousarray(y), cp.ascontiguousarray(dy)
-    dx = _out(out, dy)
+    dx = array_module(dy).empty_like(dy) if out is None else out   # empty_like keeps dy's axis order
     load("bias_act").get_function("bias_relu_backward")(
         _grid_flat(dy.size), (ELEMENTWISE_BLOCK,), (y, dy, dx, np.uint64(dy.size)))
     return dx
+
+
+def _dense_alike(*arrays) -> bool:
+    """Whether the arrays share shape, dtype and strides, and those strides cover their memory
+    without gaps or overlaps (C order or any permutation of it): an element-wise kernel may then
+    walk them as flat vectors from their first elements."""
+    first = arrays[0]
+    if any((a.shape, a.dtype, a.strides) != (first.shape, first.dtype, first.strides) for a in arrays):
+        return False
+    expected = first.itemsize
+    for stride, size in sorted((st, n) for st, n in zip(first.strides, first.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 # ---- bias + GELU ---------------------------------------------------------------------------

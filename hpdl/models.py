@@ -48,12 +48,21 @@ def forward(layers: Sequence[Layer], params: Sequence[Params], x, mode: Mode = T
     """Run layers in order: x -> (y, caches), one cache per layer.
 
     `first` is the model index of layers[0]: a layer's random key holds its index in the
-    whole model, so a pipeline stage draws the same dropout masks as one process.
+    whole model, so a pipeline stage draws the same dropout masks as one process. A Linear
+    followed by a ReLU runs as one step (Linear.forward_relu: the bias add and the ReLU in
+    one pass), with the same output and the same two caches.
     """
-    caches = []
-    for i, (layer, p) in enumerate(zip(layers, params), start=first):
-        x, cache = layer.forward(p, x, mode.child(i))
+    caches: list = []
+    i = 0
+    while i < len(layers):
+        if type(layers[i]) is Linear and i + 1 < len(layers) and type(layers[i + 1]) is ReLU:
+            x, pair = layers[i].forward_relu(params[i], x)
+            caches += pair
+            i += 2
+            continue
+        x, cache = layers[i].forward(params[i], x, mode.child(first + i))
         caches.append(cache)
+        i += 1
     return x, caches
 
 

@@ -13,7 +13,9 @@
 // thread loads its bias b[j] once and needs no per-element `idx % N`, which costs more
 // than the memory access in a kernel this light.
 
-// y[i, j] = max(x[i, j] + b[j], 0).  x, y: (B, N) row-major  b: (N,)
+// y[i, j] = u (u > 0), u = x[i, j] + b[j]: max(u, 0) as hpdl's ReLU computes it, a multiply by
+// the mask, so a NaN or -Inf u gives NaN (a non-finite value stays non-finite) and -0 stays -0.
+// x, y: (B, N) row-major  b: (N,)
 // y may alias x (in place): each element is read and written by the same thread.
 extern "C" __global__ void bias_relu_forward(const float* x, const float* b, float* y,
                                              int B, int N) {
@@ -22,18 +24,20 @@ extern "C" __global__ void bias_relu_forward(const float* x, const float* b, flo
         for (int i = blockIdx.y; i < B; i += gridDim.y) {
             size_t k = (size_t)i * N + j;
             float u = x[k] + bj;
-            y[k] = u > 0.0f ? u : 0.0f;
+            y[k] = u * (u > 0.0f ? 1.0f : 0.0f);
         }
     }
 }
 
 // dx = dy * (y > 0): y > 0 exactly where x + b > 0, so the forward output is the mask.
+// A multiply rather than a select, so a NaN or Inf in dy stays NaN where the mask is 0, as
+// in the NumPy code: the gradient check sees it on both paths.
 // y, dy, dx: n elements, any shape; dx may alias dy.
 extern "C" __global__ void bias_relu_backward(const float* y, const float* dy, float* dx,
                                               size_t n) {
     for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
          k += (size_t)blockDim.x * gridDim.x) {
-        dx[k] = y[k] > 0.0f ? dy[k] : 0.0f;
+        dx[k] = dy[k] * (y[k] > 0.0f ? 1.0f : 0.0f);
     }
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from ..backend import array_module
+from ..kernels import bias_relu_backward
 from .base import TRAIN, Layer, Mode
 
 _C = math.sqrt(2.0 / math.pi)   # GELU's tanh approximation: tanh(_C (x + _A x^3))
@@ -11,13 +12,19 @@ _A = 0.044715
 
 
 class ReLU(Layer):
+    """max(x, 0), computed as x (x > 0): a NaN or -Inf input gives NaN, so a non-finite value
+    stays non-finite for the gradient check (and NumPy's multiply beats its maximum by a
+    scalar). The cache is the output y, which is its own mask (y > 0 exactly where x > 0) and
+    the next layer's input anyway; Linear.forward_relu writes the same cache."""
+
     def forward(self, params, x, mode: Mode = TRAIN):
-        # x: (B, ...) -> y: same shape; the mask is all backward needs
-        mask = x > 0
-        return x * mask, mask
+        # x: (B, ...) -> y: same shape and layout
+        y = x * (x > 0)
+        return y, y
 
     def backward(self, params, cache, dy):
-        return dy * cache, {}
+        # One kernel launch on the GPU (kernels/bias_act.cu), dy * (y > 0) elsewhere.
+        return bias_relu_backward(cache, dy), {}
 
     def flops(self, in_shape):
         return math.prod(in_shape)

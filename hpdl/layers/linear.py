@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kernels import bias_relu_forward
 from ..precision import matmul
 from .base import TRAIN, Layer, Mode
 
@@ -24,6 +25,12 @@ class Linear(Layer):
         y = matmul(x, params["W"])
         y += params["b"]
         return y, x
+
+    def forward_relu(self, params, x):
+        """forward, then a ReLU, with the bias add and the ReLU in one pass (one kernel launch on
+        the GPU): (y, (this layer's cache, the ReLU's)), the values both forwards would give."""
+        y = matmul(x, params["W"])
+        return bias_relu_forward(y, params["b"], out=y), (x, y)
 
     def backward(self, params, cache, dy):
         # dy: (B, n_out) -> dx: (B, n_in), dW: (n_in, n_out), db: (n_out,)

@@ -22,7 +22,7 @@ def _randn(rng, shape, scale=1.0):
 
 @pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES)
 def test_bias_relu_forward_parity(shape):
-    """The kernel gives bit-identical y to the reference (one float add and a max per element)."""
+    """The kernel gives bit-identical y to the reference (one float add and a mask multiply per element)."""
     rng = np.random.default_rng(0)
     x, b = _randn(rng, shape), _randn(rng, shape[1:])
     y = kernels.bias_relu_forward(cp.asarray(x), cp.asarray(b))
@@ -38,6 +38,24 @@ def test_bias_relu_backward_parity(shape):
     dy = _randn(rng, shape)
     dx = kernels.bias_relu_backward(cp.asarray(y), cp.asarray(dy))
     np.testing.assert_array_equal(cp.asnumpy(dx), kernels.bias_relu_backward_ref(y, dy))
+
+
+def test_bias_relu_non_finite_values_and_batch_innermost_layout():
+    """NaN and -Inf give NaN in the forward kernel, and dy's NaN and Inf stay non-finite where the
+    mask is 0, as in the oracles; backward on NCHW views of (C, H, W, N) memory (a convolution's output) keeps
+    that layout and equals the oracle."""
+    rng = np.random.default_rng(11)
+    x, b, dy = _randn(rng, (4, 40)), _randn(rng, (40,)), _randn(rng, (4, 40))
+    x[0, :4], dy[1, :4] = [np.nan, -np.inf, np.inf, 0.0], [np.nan, np.inf, -np.inf, 0.0]
+    y = kernels.bias_relu_forward(cp.asarray(x), cp.asarray(b))
+    with np.errstate(invalid="ignore"):   # inf * 0 in the oracles
+        np.testing.assert_array_equal(cp.asnumpy(y), kernels.bias_relu_forward_ref(x, b))
+        expected = kernels.bias_relu_backward_ref(cp.asnumpy(y), dy)
+    np.testing.assert_array_equal(cp.asnumpy(kernels.bias_relu_backward(y, cp.asarray(dy))), expected)
+    y4, dy4 = (cp.asarray(_randn(rng, (3, 4, 5, 64))).transpose(3, 0, 1, 2) for _ in range(2))
+    dx4 = kernels.bias_relu_backward(y4, dy4)
+    assert dx4.strides == dy4.strides and not dy4.flags.c_contiguous
+    np.testing.assert_array_equal(cp.asnumpy(dx4), kernels.bias_relu_backward_ref(cp.asnumpy(y4), cp.asnumpy(dy4)))
 
 
 @pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES)

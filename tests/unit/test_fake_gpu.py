@@ -47,10 +47,11 @@ def options(tiny_h5, tmp_path, model: str) -> list[str]:
 
 
 @pytest.mark.parametrize("model, kernels", [
-    ("mlp", {"softmax_xent", "sgd_update", "any_nonfinite"}),
-    ("cnn", {"softmax_xent", "sgd_update", "any_nonfinite", "im2col", "col2im"}),
+    ("mlp", {"softmax_xent", "sgd_update", "any_nonfinite", "bias_relu_forward", "bias_relu_backward"}),
+    ("cnn", {"softmax_xent", "sgd_update", "any_nonfinite", "im2col", "col2im", "bias_relu_forward",
+             "bias_relu_backward"}),
     ("resnet", {"softmax_xent", "sgd_update", "any_nonfinite", "im2col", "col2im", "batchnorm_forward",
-                "batchnorm_backward"})])
+                "batchnorm_backward", "bias_relu_backward"})])
 def test_one_process_gpu_run_uses_the_kernels_and_trains_as_the_cpu(tiny_h5, tmp_path, model, kernels):
     """Three SGD steps and the evaluation on the fake GPU launch the model's kernels and end with
     the CPU run's train and test loss (dropout masks included: both draw them on the host)."""

@@ -269,12 +269,23 @@ def test_host_im2col_col2im_kernels_are_bit_identical(host_kernels, case, batche
 
 
 def test_host_bias_relu_kernels_are_bit_identical(host_kernels):
-    """bias_relu_forward (2-D grid, rows striding past the grid cap) and backward equal their oracles."""
+    """bias_relu_forward (2-D grid, rows striding past the grid cap) and backward equal their
+    oracles, NaN and Inf included (NaN and -Inf give NaN forward; dy's NaN and Inf stay non-finite
+    where the mask is 0); backward runs on a batch-innermost layout in place, and falls back on mixed ones."""
     rng = np.random.default_rng(3)
     x, b, dy = _f32(rng, 11, 300), _f32(rng, 300), _f32(rng, 11, 300)
+    x[0, :4], dy[1, :4] = [np.nan, -np.inf, np.inf, 0.0], [np.nan, np.inf, -np.inf, 0.0]
     y = host_kernels.bias_relu_forward(x, b)
-    np.testing.assert_array_equal(y, host_kernels.bias_relu_forward_ref(x, b))
-    np.testing.assert_array_equal(host_kernels.bias_relu_backward(y, dy), host_kernels.bias_relu_backward_ref(y, dy))
+    with np.errstate(invalid="ignore"):   # inf * 0 in the oracles
+        np.testing.assert_array_equal(y, host_kernels.bias_relu_forward_ref(x, b))
+        np.testing.assert_array_equal(host_kernels.bias_relu_backward(y, dy), host_kernels.bias_relu_backward_ref(y, dy))
+    assert host_kernels.launches == {"bias_relu_forward": 1, "bias_relu_backward": 1}
+    y4, dy4 = (_f32(rng, 3, 4, 5, 2).transpose(3, 0, 1, 2) for _ in range(2))   # NCHW views of CHWN memory
+    dx4 = host_kernels.bias_relu_backward(y4, dy4)
+    assert host_kernels.launches["bias_relu_backward"] == 2 and dx4.strides == dy4.strides
+    np.testing.assert_array_equal(dx4, host_kernels.bias_relu_backward_ref(y4, dy4))
+    np.testing.assert_array_equal(host_kernels.bias_relu_backward(y4, np.ascontiguousarray(dy4)), dx4)
+    assert host_kernels.launches["bias_relu_backward"] == 2   # the layouts differ: the oracle ran
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (5, 10), (2, 7, 33), (4, 1100)])

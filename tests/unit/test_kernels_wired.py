@@ -18,9 +18,10 @@ from accuracy import assert_as_accurate
 from hpdl import kernels
 from hpdl.algorithms.dcasgd import DcAsgdAdaptiveServer, DcAsgdServer
 from hpdl.algorithms.easgd import EasgdServer, easgd_sync_center, easgd_sync_worker
-from hpdl.layers import BatchNorm, Conv2d, Flatten, LayerNorm, Linear, ReLU
+from hpdl.layers import BatchNorm, Conv2d, Flatten, LayerNorm, Linear, MaxPool2d, ReLU
 from hpdl.layers import conv
 from hpdl.layers.base import TRAIN
+from hpdl.models import backward, forward
 from hpdl.optim import LAMB, LARS, SGD, AdamW
 from hpdl.optim import base as optim_base
 from hpdl.optim import largebatch, lars
@@ -220,7 +221,7 @@ def _conv_net(rng):
 
 def test_a_training_step_runs_on_the_kernels(host_kernels):
     """Two steps of a convolutional net with BatchNorm and LayerNorm (loss_and_grads, then SGD
-    momentum) launch the im2col, loss, normalization and update kernels, and end with weights
+    momentum) launch the im2col, loss, normalization, ReLU and update kernels, and end with weights
     as accurate as the NumPy float32 path's against float64."""
     layers, params, x, y = _conv_net(np.random.default_rng(5))
 
@@ -235,12 +236,38 @@ def test_a_training_step_runs_on_the_kernels(host_kernels):
     mine = train(params, np.float32)
     with numpy_path():
         ref32, ref64 = train(params, np.float32), train(params, np.float64)
-    for name in ("sgd_update", "im2col", "softmax_xent", "batchnorm_forward", "batchnorm_backward", "layernorm_forward",
-                 "layernorm_backward"):
-        assert host_kernels.launches[name] == 2, name
+    per_step = {"sgd_update": 1, "bias_relu_backward": 2, "im2col": 1, "softmax_xent": 1, "batchnorm_forward": 1,
+                "batchnorm_backward": 1, "layernorm_forward": 1, "layernorm_backward": 1}
+    for name, launches in per_step.items():
+        assert host_kernels.launches[name] == 2 * launches, name
     for i, (p, p32, p64) in enumerate(zip(mine, ref32, ref64)):
         for k in p:
             assert_as_accurate(p[k], p32[k], p64[k], f"layer {i} {k}")
+
+
+def test_relus_run_on_the_bias_relu_kernels(host_kernels):
+    """A Linear+ReLU pair's forward is one bias_relu_forward launch, and each ReLU's backward one
+    bias_relu_backward launch, after a convolution (batch-innermost activations, no copy) as after a
+    Linear; outputs and gradients are bit-identical to the NumPy path's."""
+    rng = np.random.default_rng(11)
+    layers = [Conv2d(1, 3, 3, pad=1, winograd=False), ReLU(), MaxPool2d(2), Flatten(), Linear(3 * 3 * 3, 8), ReLU(),
+              Linear(8, 4)]
+    params = [layer.init(rng, np, np.float32) for layer in layers]
+    x, dy = rng.standard_normal((5, 1, 6, 6)).astype(np.float32), rng.standard_normal((5, 4)).astype(np.float32)
+
+    def run():
+        y, caches = forward(layers, params, x)
+        return y, *backward(layers, params, caches, dy)
+
+    y, dx, grads = run()
+    with numpy_path():
+        y_ref, dx_ref, grads_ref = run()
+    assert host_kernels.launches["bias_relu_forward"] == 1 and host_kernels.launches["bias_relu_backward"] == 2
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        for k in g:
+            np.testing.assert_array_equal(g[k], g_ref[k])
 
 
 def test_sum_squares_takes_tensors_beyond_one_grid(host_kernels):

@@ -193,6 +193,20 @@ def test_maxpool_tie_sends_gradient_to_one_input():
     np.testing.assert_array_equal(windows.sum(axis=-1), dy)
 
 
+def test_relu_keeps_non_finite_values_non_finite():
+    """ReLU multiplies by its mask both ways: a NaN or -Inf input gives NaN and a NaN or Inf in
+    dy stays non-finite where the mask is 0, so the gradient check sees what came in."""
+    x = np.array([[-np.inf, -1.0, 0.0, 2.0, np.nan, np.inf]], np.float32)
+    with np.errstate(invalid="ignore"):   # -inf * 0
+        y, cache = ReLU().forward({}, x)
+    np.testing.assert_array_equal(y, [[np.nan, 0.0, 0.0, 2.0, np.nan, np.inf]])
+    with np.errstate(invalid="ignore"):   # inf * 0
+        dx, _ = ReLU().backward({}, cache, np.array([[np.nan, np.inf, 1.0, 3.0, 5.0, 7.0]], np.float32))
+    np.testing.assert_array_equal(np.isnan(dx), [[True, True, False, False, False, False]])
+    np.testing.assert_array_equal(dx[:, 2:4], [[0.0, 3.0]])
+    np.testing.assert_array_equal(dx[:, 5], [7.0])
+
+
 def test_gelu_close_to_exact_gelu():
     """The tanh approximation stays within 1e-3 of x * Phi(x) computed with erf."""
     x = np.linspace(-6, 6, 101)

@@ -59,6 +59,31 @@ def test_backward_without_dx_gives_the_same_gradients(name):
             np.testing.assert_array_equal(g[k], h[k])
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_linear_relu_pairs_run_fused_with_the_layers_own_results(name):
+    """forward runs each Linear+ReLU pair as one (Linear.forward_relu) and gives, bit for bit, the
+    output and the per-layer caches of the layers' forwards one by one, including a cut between
+    the pair (a stage ending in a Linear)."""
+    model = build_model(name, dropout=0.0) if name == "cnn" else build_model(name)
+    params = model.init(0)
+    x = np.random.default_rng(2).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    y, caches = forward(model.layers, params, x)
+    one_by_one, h = [], x
+    for layer, p in zip(model.layers, params):
+        h, cache = layer.forward(p, h)
+        one_by_one.append(cache)
+    np.testing.assert_array_equal(y, h)
+    assert len(caches) == len(one_by_one)
+    for mine, theirs in zip(caches, one_by_one):
+        for a, b in zip(*(c if isinstance(c, tuple) else (c,) for c in (mine, theirs))):
+            np.testing.assert_array_equal(a, b)
+    cut = next(i for i, layer in enumerate(model.layers) if type(layer).__name__ == "Linear") + 1
+    head, head_caches = forward(model.layers[:cut], params[:cut], x)
+    tail, _ = forward(model.layers[cut:], params[cut:], head, first=cut)
+    np.testing.assert_array_equal(tail, y)
+    assert len(head_caches) == cut
+
+
 def test_unknown_model_and_bad_options_are_clear_errors():
     """A wrong name or option names the problem."""
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
