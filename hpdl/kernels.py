@@ -858,6 +858,12 @@ SUM_SQUARES_MAX_PARTIALS = 256   # blocks per tensor in stage 1; stage 2 adds th
 SUM_SQUARES_PER_THREAD = 4       # elements a stage-1 thread reads at least, so small tensors take few blocks
 
 
+def _tensor_table(cp, arrays):
+    """The rows (device address, element count) of C-contiguous `arrays` on their device, in one
+    copy: struct Tensor of sum_squares.cu and finite.cu."""
+    return cp.asarray(np.array([(_address(a), a.size) for a in arrays], dtype=np.uint64))
+
+
 def sum_squares_ref(arrays):
     """s[t] = sum of arrays[t]^2, one entry per tensor, on the arrays' device (no host sync):
     each the dot product that hpdl.backend.sum_of_squares adds up; LARS and LAMB norms are
@@ -880,14 +886,13 @@ def sum_squares(arrays):
         return cp.concatenate([sum_squares(arrays[i:i + MAX_GRID]) for i in range(0, len(arrays), MAX_GRID)])
     # The contiguous copies stay referenced in `arrays` until both launches are queued.
     arrays = [cp.ascontiguousarray(a) for a in arrays]
-    ptrs = cp.asarray(np.array([_address(a) for a in arrays], dtype=np.uint64))
-    sizes = cp.asarray(np.array([a.size for a in arrays], dtype=np.int64))
+    tensors = _tensor_table(cp, arrays)
     largest = max(a.size for a in arrays)
     P = max(1, min(math.ceil(largest / (ELEMENTWISE_BLOCK * SUM_SQUARES_PER_THREAD)), SUM_SQUARES_MAX_PARTIALS))
     T = len(arrays)
     partial = cp.empty((T, P), dtype=cp.float32)
     out = cp.empty(T, dtype=cp.float32)
-    load("sum_squares").get_function("sum_squares_partial")((P, T), (ELEMENTWISE_BLOCK,), (ptrs, sizes, partial))
+    load("sum_squares").get_function("sum_squares_partial")((P, T), (ELEMENTWISE_BLOCK,), (tensors, partial))
     load("sum_squares").get_function("sum_squares_finish")((T,), (ELEMENTWISE_BLOCK,), (partial, out, np.int32(P)))
     return out
 
@@ -916,10 +921,28 @@ def any_nonfinite(arrays, flag) -> None:
     _written(flag)
     cp = array_module(flag)
     # The contiguous copies stay referenced in `arrays` until the launch is queued.
-    arrays = [cp.ascontiguousarray(a) for a in arrays]
-    ptrs = cp.asarray(np.array([_address(a) for a in arrays], dtype=np.uint64))
-    sizes = cp.asarray(np.array([a.size for a in arrays], dtype=np.int64))
     largest = max(a.size for a in arrays)
     blocks = max(1, min(math.ceil(largest / (ELEMENTWISE_BLOCK * SUM_SQUARES_PER_THREAD)), SUM_SQUARES_MAX_PARTIALS))
     load("finite").get_function("any_nonfinite")(
-        (blocks, min(len(arrays), MAX_GRID)), (ELEMENTWISE_BLOCK,), (ptrs, sizes, np.int32(len(arrays)), flag))
+        (blocks, min(len(arrays), MAX_GRID)), (ELEMENTWISE_BLOCK,),
+        (_tensor_table(cp, arrays), np.int32(len(arrays)), flag))
+
+
+def record_refusal_ref(refused, halt, refused_at, step: int) -> None:
+    """The optimizer's bookkeeping after any_nonfinite set `refused` (float32 (1,)) for update
+    number `step`, with no host read: the first refusal's step goes to refused_at (int64 (1,)),
+    and halt (float32 (1,)) is raised for this and every later update."""
+    xp = array_module(halt)
+    xp.copyto(refused_at, step, where=(refused != 0) & (halt == 0))
+    xp.maximum(halt, refused, out=halt)
+
+
+def record_refusal(refused, halt, refused_at, step: int) -> None:
+    """record_refusal_ref in one launch on the GPU (five CuPy launches in the reference)."""
+    for name, a, dtype in (("refused", refused, np.float32), ("halt", halt, np.float32),
+                           ("refused_at", refused_at, np.int64)):
+        if a.shape != (1,) or a.dtype != dtype:
+            raise ValueError(f"{name} must be a {np.dtype(dtype).name} array of shape (1,), got {a.dtype} {a.shape}")
+    if not _use_kernel(refused, halt):
+        return record_refusal_ref(refused, halt, refused_at, step)
+    load("finite").get_function("record_refusal")((1,), (1,), (refused, halt, refused_at, np.int64(step)))

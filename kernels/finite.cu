@@ -9,15 +9,30 @@
 // compiler from folding it to 0.
 // No #include: the source must compile under NVRTC (cupy.RawModule) as well as nvcc.
 
-// ptrs: (T,) device addresses of float32 tensors  sizes: (T,) their element counts
-extern "C" __global__ void any_nonfinite(const unsigned long long* ptrs, const long long* sizes, int T,
-                                         float* flag) {
+// One row of the table of tensors: a float32 tensor's device address and element count.
+struct Tensor {
+    const float* a;
+    unsigned long long n;
+};
+
+// tensors: (T,) rows
+extern "C" __global__ void any_nonfinite(const Tensor* tensors, int T, float* flag) {
     for (int t = blockIdx.y; t < T; t += gridDim.y) {
-        const float* a = (const float*)ptrs[t];
-        const size_t n = (size_t)sizes[t];
+        const float* a = tensors[t].a;
+        const size_t n = (size_t)tensors[t].n;
         for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
              k += (size_t)blockDim.x * gridDim.x) {
             if (__fsub_rn(a[k], a[k]) != 0.0f) *flag = 1.0f;
         }
     }
+}
+
+// The optimizer's bookkeeping after any_nonfinite set `refused` for update number `step`, on
+// the device (hpdl/optim/base.py, check_on_device): the first refusal's step goes to
+// refused_at, and halt is raised for this and every later update. Launch: one thread.
+extern "C" __global__ void record_refusal(const float* refused, float* halt, long long* refused_at,
+                                          long long step) {
+    if (*refused == 0.0f) return;
+    if (*halt == 0.0f) *refused_at = step;
+    *halt = 1.0f;
 }

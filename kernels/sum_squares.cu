@@ -26,12 +26,16 @@ __device__ float block_sum(float v) {
     return warp == 0 ? warp_sum(lane < (int)(blockDim.x / 32) ? scratch[lane] : 0.0f) : 0.0f;
 }
 
-// ptrs: (T,) device addresses of float32 tensors  sizes: (T,) their element counts
-// partial: (T, P) with P = gridDim.x
-extern "C" __global__ void sum_squares_partial(const unsigned long long* ptrs,
-                                               const long long* sizes, float* partial) {
-    const float* a = (const float*)ptrs[blockIdx.y];
-    const size_t n = (size_t)sizes[blockIdx.y];
+// One row of the table of tensors: a float32 tensor's device address and element count.
+struct Tensor {
+    const float* a;
+    unsigned long long n;
+};
+
+// tensors: (T,) rows  partial: (T, P) with P = gridDim.x
+extern "C" __global__ void sum_squares_partial(const Tensor* tensors, float* partial) {
+    const float* a = tensors[blockIdx.y].a;
+    const size_t n = (size_t)tensors[blockIdx.y].n;
     float s = 0.0f;
     for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
          k += (size_t)blockDim.x * gridDim.x) {

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import array_module, on_device, to_host
-from ..kernels import any_nonfinite
+from ..kernels import any_nonfinite, record_refusal
 from ..layers.base import Layer, Params
 from ..nonfinite import POLICIES, NonFiniteError, describe, nonfinite_layers
 
@@ -105,9 +105,7 @@ class Optimizer:
             self._halt, self._refused_at = xp.zeros(1, dtype=np.float32), xp.zeros(1, dtype=np.int64)
         refused = xp.zeros(1, dtype=np.float32)
         any_nonfinite(tensors, refused)
-        # Only the first refusal is recorded: the flag halts every update after it anyway.
-        xp.copyto(self._refused_at, self.steps + self.skipped + 1, where=(refused != 0) & (self._halt == 0))
-        xp.maximum(self._halt, refused, out=self._halt)
+        record_refusal(refused, self._halt, self._refused_at, self.steps + self.skipped + 1)
 
     def _update_all(self, params: list[Params], grads: list[dict[str, Any]], rates: list[float]) -> None:
         """Apply the rule in place to every trainable tensor (`_tensors`), layer i at rate rates[i]."""

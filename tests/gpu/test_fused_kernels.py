@@ -114,6 +114,18 @@ def test_any_nonfinite_parity():
         assert float(flag[0]) == ref[0] == (position is not None), position
 
 
+def test_record_refusal_parity():
+    """Over clean, refused, clean and refused updates the kernel leaves the oracle's halt flag and
+    refusal step: raised at the first refusal, which alone is recorded."""
+    halt, at = cp.zeros(1, cp.float32), cp.zeros(1, cp.int64)
+    halt_ref, at_ref = np.zeros(1, np.float32), np.zeros(1, np.int64)
+    for step, refused in enumerate((0.0, 1.0, 0.0, 1.0), start=1):
+        kernels.record_refusal(cp.asarray([refused], dtype=cp.float32), halt, at, step)
+        kernels.record_refusal_ref(np.array([refused], np.float32), halt_ref, at_ref, step)
+        assert (float(halt[0]), int(at[0])) == (float(halt_ref[0]), int(at_ref[0])), step
+    assert (float(halt[0]), int(at[0])) == (1.0, 2)
+
+
 @pytest.mark.parametrize("n", FLAT_SIZES)
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_dcasgd_update_bit_identical(n, adaptive):

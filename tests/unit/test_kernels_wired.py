@@ -349,6 +349,18 @@ def test_any_nonfinite_finds_each_nan_and_inf(host_kernels):
     assert flag[0] == 1
 
 
+def test_record_refusal_keeps_the_first_refused_step(host_kernels):
+    """Over clean, refused, clean and refused updates, the kernel and its oracle leave the same halt
+    flag and refusal step: raised at the first refusal, which alone is recorded, one launch each."""
+    states = [(np.zeros(1, np.float32), np.zeros(1, np.int64)) for _ in range(2)]
+    for step, refused in enumerate((0.0, 1.0, 0.0, 1.0), start=1):
+        flag = np.array([refused], np.float32)
+        kernels.record_refusal(flag, *states[0], step)
+        kernels.record_refusal_ref(flag, *states[1], step)
+        assert [(float(h[0]), int(r[0])) for h, r in states] == [(float(step >= 2), 2 if step >= 2 else 0)] * 2
+    assert host_kernels.launches == {"record_refusal": 4}
+
+
 @pytest.mark.parametrize("case", [(3, 2, 7, 6, 3, 1, 1), (2, 3, 9, 9, 3, 2, 1), (4, 2, 5, 8, 1, 2, 0),
                                   (2, 1, 6, 6, 5, 1, 2)])
 def test_conv_im2col_and_col2im_run_on_the_kernels(host_kernels, case):
