@@ -228,10 +228,10 @@ def float32_allowance(ref32, ref64, abs_sum=0.0):
 
 # ---- optimizer updates: kernels/optim_update.cu --------------------------------------------
 #
-# In place: SGD and AdamW on lists of tensors (a model's, one launch), the server rules on
-# one flat vector per call. The kernels round every operation as
-# NumPy does, in the same order, and their float32 coefficients are rounded here from the
-# same Python doubles the NumPy code multiplies by: kernel and reference agree bit for bit.
+# In place: SGD and AdamW on lists of tensors (a model's, in one launch), the server rules on
+# one flat vector per call. The kernels round every operation as NumPy does, in the same
+# order, and their float32 coefficients are rounded here from the same Python doubles the
+# NumPy code multiplies by: kernel and reference agree bit for bit.
 
 def _check_same(*arrays) -> None:
     shapes = {a.shape for a in arrays if a is not None}
@@ -921,6 +921,7 @@ def any_nonfinite(arrays, flag) -> None:
     _written(flag)
     cp = array_module(flag)
     # The contiguous copies stay referenced in `arrays` until the launch is queued.
+    arrays = [cp.ascontiguousarray(a) for a in arrays]
     largest = max(a.size for a in arrays)
     blocks = max(1, min(math.ceil(largest / (ELEMENTWISE_BLOCK * SUM_SQUARES_PER_THREAD)), SUM_SQUARES_MAX_PARTIALS))
     load("finite").get_function("any_nonfinite")(

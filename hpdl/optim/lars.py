@@ -69,7 +69,7 @@ class LARS(SGD):
         # b = mu b + d; w -= b: SGD's update of direction d at rate 1 without decay (its kernel on the GPU).
         sgd_update(ws, steps, [1.0] * len(ws), [0.0] * len(ws), self.momentum, False, bufs, firsts)
 
-    def _step(self, key: str, w, g, lr: float, wd: float, norms) -> object:
+    def _step(self, key: str, w, g, lr: float, wd: float, norms):
         """d = lr local (g + wd w), a fresh array (the caller's gradient is only read); norms:
         this step's (||w||, ||g||) for a tensor with a trust ratio, else None."""
         if norms is not None:

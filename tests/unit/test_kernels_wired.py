@@ -328,7 +328,8 @@ def test_a_training_step_reads_nothing_back_to_the_host(host_kernels, monkeypatc
 
 def test_any_nonfinite_finds_each_nan_and_inf(host_kernels):
     """One launch over 7 tensors (more than the 3 grid rows here, some empty) sets the flag exactly
-    when some element is NaN, +Inf or -Inf, wherever it sits, and never clears a set flag."""
+    when some element is NaN, +Inf or -Inf, wherever it sits, also in a strided view, and never
+    clears a set flag."""
     rng = np.random.default_rng(10)
     sizes = (1, 700, 0, 33, 2000, 5, 1)
     clean = [(rng.standard_normal(n) * 1e30).astype(np.float32) for n in sizes]
@@ -346,6 +347,11 @@ def test_any_nonfinite_finds_each_nan_and_inf(host_kernels):
         assert flag[0] == 1 and ref[0] == 1, (t, k, bad)
     flag = np.ones(1, np.float32)
     kernels.any_nonfinite(clean, flag)
+    assert flag[0] == 1
+    strided = np.zeros((40, 2), np.float32)
+    strided[30, 1] = np.nan   # past the first 40 floats from the view's start: found only through its strides
+    flag = np.zeros(1, np.float32)
+    kernels.any_nonfinite([strided[:, 1]], flag)
     assert flag[0] == 1
 
 
