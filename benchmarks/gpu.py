@@ -251,6 +251,11 @@ def kernel_cases(cp) -> list[tuple[str, str, Callable[[], object], Callable[[], 
                       lambda x=x, b=b: k.bias_relu_forward_ref(x, b)))
         cases.append(("bias_gelu_backward", f"{rows}x{n}", lambda u=x, d=dy: k.bias_gelu_backward(u, d),
                       lambda u=x, d=dy: k.bias_gelu_backward_ref(u, d)))
+    for shape in ((128, 32, 28, 28), (512, 64, 14, 14)):
+        # ReLU's backward on a convolution's output: NCHW views of batch-innermost memory.
+        y, dy = (nchw(randn(*shape[1:], shape[0])) for _ in range(2))
+        cases.append(("bias_relu_backward (conv layout)", "x".join(map(str, shape)),
+                      lambda y=y, d=dy: k.bias_relu_backward(y, d), lambda y=y, d=dy: k.bias_relu_backward_ref(y, d)))
     for rows, n in ((128, 10), (2048, 1000)):
         logits, labels = randn(rows, n), cp.asarray(np.random.default_rng(SEED).integers(0, n, rows))
         cases.append(("softmax_xent", f"{rows}x{n}", lambda z=logits, y=labels: k.softmax_xent(z, y),

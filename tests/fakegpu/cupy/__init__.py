@@ -142,6 +142,8 @@ class RawModule:
 
 
 lib = SimpleNamespace(stride_tricks=SimpleNamespace(as_strided=_device(np.lib.stride_tricks.as_strided)))
+random = SimpleNamespace(seed=np.random.seed, standard_normal=lambda size=None, dtype=float: asarray(
+    np.random.standard_normal(size), dtype=dtype))
 
 
 def __getattr__(name: str):
