@@ -101,9 +101,11 @@ def bias_relu_backward(y, dy, out=None):
     """
     if y.shape != dy.shape:
         raise ValueError(f"y {y.shape} and dy {dy.shape} differ")
-    if not _use_kernel(y, dy) or not _dense_alike(y, dy, *_given(out)):
+    if not _use_kernel(y, dy):
         return bias_relu_backward_ref(y, dy, out)
-    dx = array_module(dy).empty_like(dy) if out is None else out   # empty_like keeps dy's axis order
+    dx = array_module(dy).empty_like(dy) if out is None else out   # empty_like keeps a dense dy's layout
+    if not _dense_alike(y, dy, dx):
+        return bias_relu_backward_ref(y, dy, out)
     load("bias_act").get_function("bias_relu_backward")(
         _grid_flat(dy.size), (ELEMENTWISE_BLOCK,), (y, dy, dx, np.uint64(dy.size)))
     return dx
