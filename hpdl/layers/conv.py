@@ -161,15 +161,22 @@ class Conv2d(Layer):
     no_decay = ("b",)
 
     def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1, pad: int = 0, winograd: bool | None = None):
-        """`winograd`: force the Winograd F(2x2, 3x3) path on or off; None chooses by the channel counts."""
+        """`winograd`: force the Winograd F(2x2, 3x3) path on or off; None chooses (takes_winograd)."""
         self.c_in, self.c_out, self.k, self.stride, self.pad = c_in, c_out, k, stride, pad
         applies = k == 3 and stride == 1
         if winograd and not applies:
             raise ValueError(f"Winograd F(2x2, 3x3) needs a 3 x 3 kernel at stride 1, got {k} x {k} "
                              f"at stride {stride}")
-        if winograd is None:
-            winograd = applies and c_in * c_out >= WINOGRAD_MIN_WIDTH * (c_in + c_out)
         self.winograd = winograd
+        self.wide = applies and c_in * c_out >= WINOGRAD_MIN_WIDTH * (c_in + c_out)
+
+    def takes_winograd(self, x) -> bool:
+        """Whether a pass over x takes the Winograd path: as forced, else where the layer is wide
+        and x is off the GPU kernels. On a GPU each of Winograd's 16 products and some 40
+        transform operations per pass is a launch, against im2col's one kernel and one product."""
+        if self.winograd is not None:
+            return self.winograd
+        return self.wide and not kernels.on_kernel_path(x)
 
     def init(self, rng, xp, dtype):
         # He initialization over the fan-in c_in * k * k, as for Linear.
@@ -179,18 +186,21 @@ class Conv2d(Layer):
 
     def forward(self, params, x, mode: Mode = TRAIN):
         # x: (N, C_in, H, W)  W: (C_out, C_in, k, k)  b: (C_out,)  ->  y: (N, C_out, Ho, Wo), batch-innermost
-        if self.winograd:
-            return self._winograd_forward(params, x)
+        # The cache starts with the path taken, so that backward takes the same one.
+        if self.takes_winograd(x):
+            y, cache = self._winograd_forward(params, x)
+            return y, (True, cache)
         n, _, h, w = x.shape
         ho, wo = out_size(h, self.k, self.stride, self.pad), out_size(w, self.k, self.stride, self.pad)
         cols = im2col(x, self.k, self.stride, self.pad)               # (C_in*k*k, Ho*Wo*N)
         y = matmul(params["W"].reshape(self.c_out, -1), cols)          # (C_out, Ho*Wo*N)
         y += params["b"][:, None]
-        return nchw(y.reshape(self.c_out, ho, wo, n)), (cols, x.shape)
+        return nchw(y.reshape(self.c_out, ho, wo, n)), (False, (cols, x.shape))
 
     def backward(self, params, cache, dy):
         # dy: (N, C_out, Ho, Wo) -> dx: (N, C_in, H, W), dW: (C_out, C_in, k, k), db: (C_out,)
-        if self.winograd:
+        winograd, cache = cache
+        if winograd:
             return self._winograd_backward(params, cache, dy, need_dx=True)
         cols, x_shape = cache
         dy2 = self._rows(dy)                                            # (C_out, Ho*Wo*N)
@@ -199,7 +209,8 @@ class Conv2d(Layer):
         return dx, self._grads(params, cols, dy2)
 
     def param_grads(self, params, cache, dy):
-        if self.winograd:
+        winograd, cache = cache
+        if winograd:
             return self._winograd_backward(params, cache, dy, need_dx=False)[1]
         return self._grads(params, cache[0], self._rows(dy))
 

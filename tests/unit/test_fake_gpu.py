@@ -64,6 +64,26 @@ def test_one_process_gpu_run_uses_the_kernels_and_trains_as_the_cpu(tiny_h5, tmp
         assert gpu[key] == pytest.approx(cpu[key], rel=RTOL), key
 
 
+COUNT = ("import json, sys, cupy, hpdl.kernels as k; k.MAX_GRID = 3; from benchmarks.launches import count_step; "
+         "print(json.dumps({m: [dict(c) for c in count_step(cupy, m)] for m in sys.argv[1:]}))")
+
+
+def test_a_gpu_step_takes_one_update_launch_and_no_winograd_products():
+    """benchmarks.launches counts one float32 GPU step on the stand-in: the mlp's is exactly its 8
+    hpdl kernels (fused Linear+ReLU, one batched update) and its 8 products; the cnn's wide
+    convolution takes im2col on the GPU, so its step has 11 products, not Winograd's 16 per pass."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAKEGPU), str(ROOT)]), "OMP_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", COUNT, "mlp", "cnn"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.splitlines()[-1])
+    assert counts["mlp"][0] == {"bias_relu_forward": 2, "bias_relu_backward": 2, "softmax_xent": 1, "any_nonfinite": 1,
+                                "record_refusal": 1, "sgd_update": 1}
+    assert counts["mlp"][1]["matmul"] == 8   # 3 Linear layers: 3 forward, 3 dW, 2 dx
+    assert counts["cnn"][1]["matmul"] == 11 and counts["cnn"][0]["col2im"] == 1
+
+
 needs_mpirun = pytest.mark.skipif(not MPIRUN.exists(), reason="mpirun (the mpich wheel) is not installed")
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from gradcheck import assert_gradient_close, check_layer, numerical_gradient
+from hpdl import kernels
 from hpdl.layers import (EVAL, GELU, TRAIN, BatchNorm, Conv2d, Dropout, Flatten, GlobalAvgPool,
                          LayerNorm, Linear, MaxPool2d, Mode, ReLU, Residual, accuracy, col2im,
                          im2col, softmax_cross_entropy_backward, softmax_cross_entropy_forward)
@@ -132,9 +133,16 @@ def test_winograd_conv_equals_the_im2col_product(h, w, pad):
 @pytest.mark.parametrize("c_in, c_out, k, stride, winograd", [
     (32, 64, 3, 1, True), (32, 32, 3, 1, True), (16, 32, 3, 1, True), (16, 16, 3, 1, False), (1, 32, 3, 1, False),
     (64, 64, 3, 2, False), (64, 64, 1, 1, False)])
-def test_wide_3x3_stride1_convolutions_take_the_winograd_path(c_in, c_out, k, stride, winograd):
-    """The automatic choice: 3 x 3 at stride 1 with enough channels; forcing it elsewhere is an error."""
-    assert Conv2d(c_in, c_out, k, stride=stride).winograd == winograd
+def test_wide_3x3_stride1_convolutions_take_the_winograd_path(c_in, c_out, k, stride, winograd, monkeypatch):
+    """The automatic choice: 3 x 3 at stride 1 with enough channels, off the GPU kernels only (there
+    im2col's one kernel and one product beat Winograd's many launches); forcing it elsewhere is an error."""
+    x = np.zeros((1, c_in, 4, 4), np.float32)
+    assert Conv2d(c_in, c_out, k, stride=stride).takes_winograd(x) == winograd
+    assert Conv2d(c_in, c_out, k, stride=stride, winograd=False).takes_winograd(x) is False
+    monkeypatch.setattr(kernels, "on_kernel_path", lambda *arrays: True)
+    assert Conv2d(c_in, c_out, k, stride=stride).takes_winograd(x) is False
+    if winograd:
+        assert Conv2d(c_in, c_out, k, stride=stride, winograd=True).takes_winograd(x) is True
     if k != 3 or stride != 1:
         with pytest.raises(ValueError, match="3 x 3 kernel at stride 1"):
             Conv2d(c_in, c_out, k, stride=stride, winograd=True)

@@ -75,13 +75,22 @@ def test_linear_relu_pairs_run_fused_with_the_layers_own_results(name):
     np.testing.assert_array_equal(y, h)
     assert len(caches) == len(one_by_one)
     for mine, theirs in zip(caches, one_by_one):
-        for a, b in zip(*(c if isinstance(c, tuple) else (c,) for c in (mine, theirs))):
-            np.testing.assert_array_equal(a, b)
+        _assert_same(mine, theirs)
     cut = next(i for i, layer in enumerate(model.layers) if type(layer).__name__ == "Linear") + 1
     head, head_caches = forward(model.layers[:cut], params[:cut], x)
     tail, _ = forward(model.layers[cut:], params[cut:], head, first=cut)
     np.testing.assert_array_equal(tail, y)
     assert len(head_caches) == cut
+
+
+def _assert_same(a, b) -> None:
+    """Equal caches: the same nesting of tuples, with equal arrays and values at the leaves."""
+    if isinstance(a, tuple):
+        assert isinstance(b, tuple) and len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        np.testing.assert_array_equal(a, b)
 
 
 def test_unknown_model_and_bad_options_are_clear_errors():

@@ -1,0 +1,138 @@
+"""Kernel launches per GPU training step, counted without a GPU on tests/fakegpu's stand-in for CuPy.
+
+    PYTHONPATH=tests/fakegpu python -m benchmarks.launches [--models mlp,cnn,resnet]
+
+Where Python launch overhead dominates a small model's GPU step, the number of launches is
+the cost to cut: each hpdl.kernels launch and each CuPy array operation (a ufunc, a
+reduction, a product, an allocation) is one. This counts them for one step of
+loss_and_grads and SGD momentum with the gradient check on the device, as hpdl.train runs
+a float32 GPU step, and times nothing: the stand-in runs on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+import numpy as np
+
+from benchmarks.common import REPORTS, markdown_table, write_report
+from hpdl.models import build_model
+
+BATCH = 32
+
+
+def count_step(cp, model_name: str) -> tuple[Counter, Counter]:
+    """(kernels, array operations) of the second of two training steps (the first builds state)."""
+    from hpdl.backend import Backend
+    from hpdl.optim import make_optimizer
+    from hpdl.trainer import loss_and_grads
+    ops: Counter = Counter()
+    model = build_model(model_name)
+    backend = Backend("gpu", "float32")
+    params = model.init(0, xp=backend.xp, dtype=backend.dtype)
+    opt = make_optimizer("sgd", model.layers, momentum=0.9)
+    opt.check_on_device()
+    x = backend.asarray(np.random.default_rng(0).standard_normal((BATCH, *model.in_shape)).astype(np.float32))
+    y = cp.asarray(np.arange(BATCH) % 10)
+    with counting(cp, ops):
+        for step in range(2):
+            ops.clear()
+            cp.launches.clear()
+            _, grads = loss_and_grads(model.layers, params, x, y, (0,))
+            opt.step(params, grads, 0.01)
+    return Counter(cp.launches), ops
+
+
+class counting:
+    """Inside, every array operation on the stand-in's arrays and module counts in `ops` by name."""
+
+    def __init__(self, cp, ops: Counter):
+        self.cp, self.ops = cp, ops
+
+    def __enter__(self):
+        cp, ops = self.cp, self.ops
+        self.saved = (cp.ndarray.__array_ufunc__, cp.ndarray.__array_function__, cp._device, cp.asarray)
+        ufunc, function, device, asarray = self.saved
+
+        def counted_ufunc(array, op, method, *inputs, **kwargs):
+            ops[op.__name__ if method == "__call__" else f"{op.__name__}.{method}"] += 1
+            return ufunc(array, op, method, *inputs, **kwargs)
+
+        def counted_function(array, func, types, args, kwargs):
+            ops[func.__name__] += 1
+            return function(array, func, types, args, kwargs)
+
+        def counted_device(fn):
+            inner = device(fn)
+
+            def call(*args, **kwargs):
+                ops[fn.__name__] += 1
+                return inner(*args, **kwargs)
+            return call
+
+        def counted_asarray(*args, **kwargs):
+            ops["asarray (host to device)"] += 1
+            return asarray(*args, **kwargs)
+
+        cp.ndarray.__array_ufunc__, cp.ndarray.__array_function__ = counted_ufunc, counted_function
+        cp._device, cp.asarray = counted_device, counted_asarray
+
+    def __exit__(self, *exc):
+        cp = self.cp
+        cp.ndarray.__array_ufunc__, cp.ndarray.__array_function__, cp._device, cp.asarray = self.saved
+
+
+def plot(data: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(data)
+    xs = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for i, (label, key) in enumerate((("hpdl kernels", "kernels"), ("CuPy array operations", "array_ops"))):
+        ax.bar(xs + (i - 0.5) * 0.38, [sum(data[n][key].values()) for n in names], 0.38, label=label)
+    ax.set_xticks(xs, names)
+    ax.set_ylabel("launches per training step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mlp,cnn,resnet")
+    args = ap.parse_args()
+    try:
+        import cupy as cp
+        cp.launches   # only the stand-in counts its kernel launches
+    except (ImportError, AttributeError):
+        print("benchmarks.launches counts on tests/fakegpu's stand-in for CuPy: run it with "
+              "PYTHONPATH=tests/fakegpu", file=sys.stderr)
+        return 2
+    try:
+        names = [build_model(m).name for m in args.models.split(",")]
+    except ValueError as e:
+        print(f"benchmarks.launches: {e}", file=sys.stderr)
+        return 2
+    rows, data = [], {}
+    for name in names:
+        kernels, ops = count_step(cp, name)
+        rows.append([name, sum(kernels.values()), sum(ops.values()), ops["matmul"],
+                     ", ".join(f"{k} {v}" for k, v in sorted(kernels.items())),
+                     ", ".join(f"{k} {v}" for k, v in ops.most_common(6))])
+        data[name] = {"kernels": dict(kernels), "array_ops": dict(ops)}
+        print(f"{name}: {rows[-1][1]} hpdl kernels, {rows[-1][2]} array operations", flush=True)
+    plot(data, REPORTS / "launches.png")
+    body = ("Run with `PYTHONPATH=tests/fakegpu`. One float32 training step (loss_and_grads, then SGD "
+            f"momentum with the gradient check on the device), batch {BATCH}, counted on tests/fakegpu's "
+            "stand-in for CuPy: each is one kernel launch on a GPU. Nothing is timed.\n\n"
+            + markdown_table(["model", "hpdl kernels", "CuPy array operations", "of which products",
+                              "hpdl kernels by name", "most frequent array operations"], rows)
+            + "\n\n![launches](launches.png)")
+    print(write_report("launches", "Kernel launches per GPU training step", body, data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
