@@ -77,6 +77,7 @@ bench: $(VENV)/.bench $(DATA)
 	$(PY) -m benchmarks.large_batch
 	$(PY) -m benchmarks.peers
 	$(PY) -m benchmarks.plan
+	PYTHONPATH=tests/fakegpu $(PY) -m benchmarks.launches
 	$(PY) -m benchmarks.report
 
 clean:
