@@ -252,7 +252,14 @@ def kernel_cases(cp) -> list[tuple[str, str, Callable[[], object], Callable[[], 
         cases.append(("bias_gelu_backward", f"{rows}x{n}", lambda u=x, d=dy: k.bias_gelu_backward(u, d),
                       lambda u=x, d=dy: k.bias_gelu_backward_ref(u, d)))
     for shape in ((128, 32, 28, 28), (512, 64, 14, 14)):
-        # ReLU's backward on a convolution's output: NCHW views of batch-innermost memory.
+        # Max pooling and ReLU's backward on a convolution's output: NCHW views of batch-innermost memory.
+        x, label = nchw(randn(*shape[1:], shape[0])), "x".join(map(str, shape))
+        _, win = k.maxpool_forward(x, 2)
+        g = nchw(randn(shape[1], shape[2] // 2, shape[3] // 2, shape[0]))
+        cases.append(("maxpool_forward 2x2", label, lambda x=x: k.maxpool_forward(x, 2),
+                      lambda x=x: k.maxpool_forward_ref(x, 2)))
+        cases.append(("maxpool_backward 2x2", label, lambda g=g, w=win, s=x.shape: k.maxpool_backward(g, w, s, 2),
+                      lambda g=g, w=win, s=x.shape: k.maxpool_backward_ref(g, w, s, 2)))
         y, dy = (nchw(randn(*shape[1:], shape[0])) for _ in range(2))
         cases.append(("bias_relu_backward (conv layout)", "x".join(map(str, shape)),
                       lambda y=y, d=dy: k.bias_relu_backward(y, d), lambda y=y, d=dy: k.bias_relu_backward_ref(y, d)))

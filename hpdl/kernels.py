@@ -848,6 +848,90 @@ def col2im(cols, x_shape, k: int, stride: int, pad: int, batched: bool = False, 
     return x.transpose(3, 0, 1, 2) if batch_inner else x
 
 
+# ---- max pooling over disjoint windows: kernels/maxpool.cu ----------------------------------
+
+def _check_pool(x_shape, k: int) -> tuple[int, int]:
+    if len(x_shape) != 4 or not 1 <= k * k < 255:
+        raise ValueError(f"expected (N, C, H, W) and 1 <= k <= 15, got {tuple(x_shape)} and k={k}")
+    ho, wo = x_shape[2] // k, x_shape[3] // k
+    if ho < 1 or wo < 1:
+        raise ValueError(f"a {k}x{k} window does not fit a {x_shape[2]}x{x_shape[3]} image")
+    return ho, wo
+
+
+def maxpool_forward_ref(x, k: int):
+    """Max over disjoint k x k windows, as hpdl.layers.MaxPool2d (stride k):
+
+        y[n, c, a, b] = numpy.maximum over the window's offsets o = i k + j, in order
+        win[c, a, b, n] = the first o whose value equals y (255 if none: a window with a NaN)
+
+    x: (N, C, H, W) any layout  ->  (y (N, C, Ho, Wo), a view of (C, Ho, Wo, N) memory; win uint8
+    (C, Ho, Wo, N)), Ho = H // k, Wo = W // k.
+    """
+    xp = array_module(x)
+    ho, wo = _check_pool(x.shape, k)
+    src = x.transpose(1, 2, 3, 0)
+    taps = [src[:, i:i + k * ho:k, j:j + k * wo:k] for i in range(k) for j in range(k)]
+    y = xp.array(taps[0], order="C")
+    for tap in taps[1:]:
+        xp.maximum(y, tap, out=y)
+    win = xp.full(y.shape, 255, dtype=np.uint8)
+    for o in reversed(range(k * k)):   # the first offset reaching the max writes last
+        win[taps[o] == y] = o
+    return y.transpose(3, 0, 1, 2), win
+
+
+def maxpool_backward_ref(dy, win, x_shape, k: int):
+    """dx of maxpool_forward_ref: dy * (win == o) at offset o of each window (a multiply: a NaN
+    in dy stays NaN), 0 past the last window.  dy: (N, C, Ho, Wo)  ->  dx: (N, C, H, W), a view
+    of (C, H, W, N) memory."""
+    xp = array_module(dy)
+    ho, wo = _check_pool(x_shape, k)
+    n, c, h, w = x_shape
+    g = dy.transpose(1, 2, 3, 0)
+    dx = xp.zeros((c, h, w, n), dtype=dy.dtype)
+    for o in range(k * k):
+        i, j = divmod(o, k)
+        xp.multiply(g, win == o, out=dx[:, i:i + k * ho:k, j:j + k * wo:k])
+    return dx.transpose(3, 0, 1, 2)
+
+
+def _pool_args(x_shape, k: int, ho: int, wo: int) -> tuple:
+    n, c, h, w = x_shape
+    return tuple(np.int32(v) for v in (c, h, w, n, k, ho, wo))
+
+
+def maxpool_forward(x, k: int):
+    """maxpool_forward_ref in one launch on the GPU (x copied to batch-innermost memory unless it is)."""
+    ho, wo = _check_pool(x.shape, k)
+    if not _use_kernel(x):
+        return maxpool_forward_ref(x, k)
+    cp = array_module(x)
+    src = cp.ascontiguousarray(x.transpose(1, 2, 3, 0))
+    n, c = x.shape[:2]
+    y = cp.empty((c, ho, wo, n), dtype=x.dtype)
+    win = cp.empty((c, ho, wo, n), dtype=np.uint8)
+    load("maxpool").get_function("maxpool_forward")(
+        _grid_flat(y.size), (ELEMENTWISE_BLOCK,), (src, y, win, *_pool_args(x.shape, k, ho, wo)))
+    return y.transpose(3, 0, 1, 2), win
+
+
+def maxpool_backward(dy, win, x_shape, k: int):
+    """maxpool_backward_ref in one launch on the GPU, one thread per element of dx."""
+    ho, wo = _check_pool(x_shape, k)
+    n, c, h, w = x_shape
+    if dy.shape != (n, c, ho, wo) or win.shape != (c, ho, wo, n):
+        raise ValueError(f"dy {dy.shape} and win {win.shape} do not fit x {tuple(x_shape)} with k={k}")
+    if not _use_kernel(dy):
+        return maxpool_backward_ref(dy, win, x_shape, k)
+    cp = array_module(dy)
+    g = cp.ascontiguousarray(dy.transpose(1, 2, 3, 0))
+    dx = cp.empty((c, h, w, n), dtype=dy.dtype)
+    load("maxpool").get_function("maxpool_backward")(
+        _grid_flat(dx.size), (ELEMENTWISE_BLOCK,), (g, cp.ascontiguousarray(win), dx, *_pool_args(x_shape, k, ho, wo)))
+    return dx.transpose(3, 0, 1, 2)
+
+
 def on_kernel_path(*arrays) -> bool:
     """Whether these arrays take the fused kernels (CuPy float32), for callers that keep a
     NumPy path of their own rather than the `*_ref` oracle (hpdl.layers.conv)."""

@@ -63,7 +63,7 @@ static inline float __shfl_xor_sync(unsigned, float v, int offset) {
     return r;
 }
 """
-HOST_FILES = ("bias_act", "optim_update", "im2col", "norm", "sum_squares", "softmax_xent", "finite")
+HOST_FILES = ("bias_act", "optim_update", "im2col", "norm", "sum_squares", "softmax_xent", "finite", "maxpool")
 COOPERATIVE = ("norm", "sum_squares", "softmax_xent")
 CXX = shutil.which("g++")
 _CTYPES = {np.float32: ctypes.c_float, np.int32: ctypes.c_int, np.int64: ctypes.c_longlong,

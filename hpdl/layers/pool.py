@@ -1,6 +1,7 @@
 """Pooling over NCHW-indexed images: max pooling over k x k windows, global average pooling."""
 from __future__ import annotations
 
+from .. import kernels
 from ..backend import array_module
 from .base import TRAIN, Layer, Mode
 from .conv import batch_inner, col2im, im2col, nchw, out_size
@@ -13,7 +14,12 @@ class MaxPool2d(Layer):
         self.k, self.stride = k, stride or k
 
     def forward(self, params, x, mode: Mode = TRAIN):
-        # x: (N, C, H, W) -> y: (N, C, Ho, Wo)
+        # x: (N, C, H, W) -> y: (N, C, Ho, Wo). The cache starts with the path taken: disjoint
+        # windows on the GPU kernels are one launch each way (kernels/maxpool.cu), with the
+        # winning offsets as one uint8 per window instead of k^2 one-hot masks.
+        if self.stride == self.k and kernels.on_kernel_path(x):
+            y, win = kernels.maxpool_forward(x, self.k)
+            return y, (True, win, x.shape)
         xp = array_module(x)
         n, c, h, w = x.shape
         k, s = self.k, self.stride
@@ -35,12 +41,14 @@ class MaxPool2d(Layer):
         for o, tap in enumerate(taps):
             xp.logical_and(tap == y, free, out=win[o])
             free &= ~win[o]
-        return nchw(y), (win, x.shape)
+        return nchw(y), (False, win, x.shape)
 
     def backward(self, params, cache, dy):
         # dy: (N, C, Ho, Wo) -> dx: (N, C, H, W), nonzero only at each window's winner
+        fused, win, x_shape = cache
+        if fused:
+            return kernels.maxpool_backward(dy, win, x_shape, self.k), {}
         xp = array_module(dy)
-        win, x_shape = cache
         n, c, h, w = x_shape
         k, s = self.k, self.stride
         g = batch_inner(dy)                                            # (C, Ho, Wo, N)

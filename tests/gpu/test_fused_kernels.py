@@ -1,4 +1,4 @@
-"""The fused kernels of optim_update.cu, norm.cu, im2col.cu and sum_squares.cu match their
+"""The fused kernels of optim_update.cu, norm.cu, im2col.cu, maxpool.cu and sum_squares.cu match their
 NumPy oracles in hpdl.kernels (tests/unit/test_kernel_oracles.py ties the oracles to hpdl).
 
 Tolerances. The element-wise updates and im2col/col2im must be bit-identical in float32:
@@ -301,6 +301,25 @@ def test_conv_layout_im2col_col2im_bit_identical(case):
 
 
 # ---- sums of squares -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("k, shape", [(2, (128, 32, 28, 28)), (2, (7, 3, 5, 9)), (3, (4, 2, 10, 7))])
+def test_maxpool_bit_identical(k, shape):
+    """y, the winning offsets and dx equal the oracles exactly, with ties, a NaN window, a NaN in dy and
+    ragged edges, on batch-innermost input as conv hands it on."""
+    rng = np.random.default_rng(13)
+    x = np.round(_randn(rng, shape), 0)
+    x[0, 0, 0, 0] = np.nan
+    x_d = cp.asarray(np.ascontiguousarray(x.transpose(1, 2, 3, 0))).transpose(3, 0, 1, 2)
+    y_d, win_d = kernels.maxpool_forward(x_d, k)
+    y, win = kernels.maxpool_forward_ref(x, k)
+    dy = _randn(rng, y.shape)
+    dy[0, 0, 0, 1] = np.nan
+    dx_d = kernels.maxpool_backward(cp.asarray(dy), win_d, x.shape, k)
+    with np.errstate(invalid="ignore"):   # NaN * 0
+        dx = kernels.maxpool_backward_ref(dy, win, x.shape, k)
+    for dev, host in ((y_d, y), (win_d, win), (dx_d, dx)):
+        np.testing.assert_array_equal(cp.asnumpy(dev), host)
+
 
 def test_sum_squares_parity():
     """One call over tensors of 0, 1, 33 and 3 million elements, and a 2-D one, gives each

@@ -49,7 +49,7 @@ def options(tiny_h5, tmp_path, model: str) -> list[str]:
 @pytest.mark.parametrize("model, kernels", [
     ("mlp", {"softmax_xent", "sgd_update", "any_nonfinite", "bias_relu_forward", "bias_relu_backward"}),
     ("cnn", {"softmax_xent", "sgd_update", "any_nonfinite", "im2col", "col2im", "bias_relu_forward",
-             "bias_relu_backward"}),
+             "bias_relu_backward", "maxpool_forward", "maxpool_backward"}),
     ("resnet", {"softmax_xent", "sgd_update", "any_nonfinite", "im2col", "col2im", "batchnorm_forward",
                 "batchnorm_backward", "bias_relu_backward"})])
 def test_one_process_gpu_run_uses_the_kernels_and_trains_as_the_cpu(tiny_h5, tmp_path, model, kernels):

@@ -263,11 +263,39 @@ def test_relus_run_on_the_bias_relu_kernels(host_kernels):
     with numpy_path():
         y_ref, dx_ref, grads_ref = run()
     assert host_kernels.launches["bias_relu_forward"] == 1 and host_kernels.launches["bias_relu_backward"] == 2
+    assert host_kernels.launches["maxpool_forward"] == 1 and host_kernels.launches["maxpool_backward"] == 1
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(dx, dx_ref)
     for g, g_ref in zip(grads, grads_ref):
         for k in g:
             np.testing.assert_array_equal(g[k], g_ref[k])
+
+
+@pytest.mark.parametrize("k, shape", [(2, (3, 2, 4, 6)), (2, (2, 3, 5, 7)), (3, (2, 2, 7, 6))])
+def test_maxpool_kernels_equal_the_layers_array_path(host_kernels, k, shape):
+    """MaxPool2d on the kernels (one launch each way) gives the array path's y and dx bit for bit, with
+    ties (the first offset takes the gradient), a NaN in a window (NaN out, no winner), a NaN in dy
+    and rows and columns past the last window (gradient 0); its oracles agree with both."""
+    rng = np.random.default_rng(12)
+    x = np.round(rng.standard_normal(shape), 0).astype(np.float32)   # rounded: many ties
+    x[0, 0, 0, 0] = np.nan
+    x = np.ascontiguousarray(x.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)   # batch-innermost, as conv hands on
+    layer = MaxPool2d(k)
+    y, cache = layer.forward({}, x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dy[0, 0, 0, 1] = np.nan
+    with np.errstate(invalid="ignore"):   # NaN * 0 in the masks
+        dx, _ = layer.backward({}, cache, dy)
+        with numpy_path():
+            y_ref, cache_ref = layer.forward({}, x)
+            dx_ref, _ = layer.backward({}, cache_ref, dy)
+            y_oracle, win = kernels.maxpool_forward_ref(x, k)
+            dx_oracle = kernels.maxpool_backward_ref(dy, win, x.shape, k)
+    assert host_kernels.launches == {"maxpool_forward": 1, "maxpool_backward": 1} and cache[0] and not cache_ref[0]
+    for mine, theirs in ((y, y_ref), (y_oracle, y_ref), (dx, dx_ref), (dx_oracle, dx_ref)):
+        np.testing.assert_array_equal(mine, theirs)
+    np.testing.assert_array_equal(cache[1], win)
+    assert np.isnan(y[0, 0, 0, 0]) and win[0, 0, 0, 0] == 255
 
 
 def test_sum_squares_takes_tensors_beyond_one_grid(host_kernels):
