@@ -81,6 +81,27 @@ def _fmt(c) -> str:
     return f"{c:.3g}" if isinstance(c, float) else str(c)
 
 
+def grouped_bars(path: Path, names: list[str], series: dict[str, list[float]], ylabel: str,
+                 log: bool = False, rotate: bool = False) -> None:
+    """A bar chart, saved to `path`: a group of bars per name, one bar per series in each."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    xs = range(len(names))
+    width = 0.76 / len(series)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(names)) if rotate else 5.0, 3.4))
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([x + (i - (len(series) - 1) / 2) * width for x in xs], values, width, label=label)
+    ax.set_xticks(list(xs), names, **({"rotation": 30, "ha": "right"} if rotate else {}))
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def figures_in(markdown: str) -> list[str]:
     """The local images a markdown text shows (![alt](file.png)), in order, once each."""
     found = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", markdown)

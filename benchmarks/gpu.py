@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from benchmarks.common import REPORTS, alternate, markdown_table, median, write_report
+from benchmarks.common import REPORTS, alternate, grouped_bars, markdown_table, median, write_report
 from hpdl.layers import BatchNorm, Conv2d, GlobalAvgPool, Layer, Linear, Residual
 from hpdl.models import Model, build_model
 
@@ -297,24 +297,6 @@ def bench_kernels(cp, calls: int, repeats: int) -> tuple[list[list], dict]:
     return rows, data
 
 
-def plot(throughput: dict, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    labels = list(throughput)
-    xs = np.arange(len(labels))
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(labels)), 3.4))
-    for i, impl in enumerate(("hpdl", "torch")):
-        meds = [median(throughput[lab][impl]) if throughput[lab].get(impl) else 0 for lab in labels]
-        ax.bar(xs + (i - 0.5) * 0.38, meds, 0.38, label=impl)
-    ax.set_xticks(xs, labels, rotation=30, ha="right")
-    ax.set_ylabel("training samples/s")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp,cnn,resnet")
@@ -376,7 +358,10 @@ def main() -> int:
                 throughput[f"{model.name} b{batch}"] = res
                 host_shares[f"{model.name} b{batch}"] = share[1:]
                 print(f"{model.name} batch {batch}: hpdl {h:.0f}/s, torch {t and round(t)}/s", flush=True)
-        plot(throughput, REPORTS / "gpu.png")
+        labels = list(throughput)
+        grouped_bars(REPORTS / "gpu.png", labels,
+                     {impl: [median(throughput[lab][impl]) if throughput[lab].get(impl) else 0 for lab in labels]
+                      for impl in ("hpdl", "torch")}, "training samples/s", log=True, rotate=True)
         data.update(samples_per_s=throughput, hpdl_host_share=host_shares, gemm_ceiling_tflops=ceiling,
                     train_matmul_flops_per_sample={m.name: train_flops(m) for m in models})
         sections.append(

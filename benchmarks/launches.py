@@ -17,7 +17,7 @@ from collections import Counter
 
 import numpy as np
 
-from benchmarks.common import REPORTS, markdown_table, write_report
+from benchmarks.common import REPORTS, grouped_bars, markdown_table, write_report
 from hpdl.models import build_model
 
 BATCH = 32
@@ -87,22 +87,6 @@ class counting:
         cp.ndarray.__array_ufunc__, cp.ndarray.__array_function__, cp._device, cp.asarray = self.saved
 
 
-def plot(data: dict, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = list(data)
-    xs = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for i, (label, key) in enumerate((("hpdl kernels", "kernels"), ("CuPy array operations", "array_ops"))):
-        ax.bar(xs + (i - 0.5) * 0.38, [sum(data[n][key].values()) for n in names], 0.38, label=label)
-    ax.set_xticks(xs, names)
-    ax.set_ylabel("launches per training step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp,cnn,resnet")
@@ -127,7 +111,10 @@ def main() -> int:
                      ", ".join(f"{k} {v}" for k, v in ops.most_common(6))])
         data[name] = {"kernels": dict(kernels), "array_ops": dict(ops)}
         print(f"{name}: {rows[-1][1]} hpdl kernels, {rows[-1][2]} array operations", flush=True)
-    plot(data, REPORTS / "launches.png")
+    grouped_bars(REPORTS / "launches.png", names,
+                 {label: [sum(data[n][key].values()) for n in names]
+                  for label, key in (("hpdl kernels", "kernels"), ("CuPy array operations", "array_ops"))},
+                 "launches per training step")
     body = ("Run with `PYTHONPATH=tests/fakegpu`. One float32 training step (loss_and_grads, then SGD "
             f"momentum with the gradient check on the device), batch {BATCH}, counted on tests/fakegpu's "
             "stand-in for CuPy: each is one kernel launch (or copy) on a GPU; bare allocations are not counted. "

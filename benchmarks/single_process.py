@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from benchmarks.common import REPORTS, alternate, markdown_table, median, write_report
+from benchmarks.common import REPORTS, alternate, grouped_bars, markdown_table, median, write_report
 from benchmarks.torch_models import torch_model
 from hpdl.data import Loader
 from hpdl.hostmem import keep_freed_memory
@@ -107,7 +107,9 @@ def main() -> None:
             profiles.append(f"### {name}: hpdl per layer, batch {args.batch_size} (ms)\n\n" + markdown_table(
                 ["layer", "forward", "backward"], [[n, f"{f:.2f}", f"{b:.2f}"] for n, f, b in prof]))
             print(f"{name}: hpdl {h:.0f} samples/s, torch {t:.0f} samples/s, ratio {h / t:.2f}", flush=True)
-    plot(data)
+    names = list(data)
+    grouped_bars(REPORTS / "single_process.png", names,
+                 {impl: [median(data[n][impl]) for n in names] for impl in ("hpdl", "torch")}, "training samples/s")
     body = (f"Training throughput (forward, backward, SGD momentum update), batch {args.batch_size}, "
             f"{args.threads} threads, float32, median of {args.repeats} alternating repeats of "
             f"{args.steps} steps.\n\n"
@@ -127,23 +129,6 @@ convolution uses Winograd F(2x2, 3x3). The per-layer tables below are one thread
 batch, minimum of 5 calls: the second convolution remains the largest single cost, and what is
 not a matrix product (ReLU, pooling masks, the Winograd transforms) is memory traffic that
 PyTorch's oneDNN kernels fuse."""
-
-
-def plot(data: dict) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    names = list(data)
-    xs = np.arange(len(names))
-    for i, impl in enumerate(("hpdl", "torch")):
-        meds = [median(data[n][impl]) for n in names]
-        ax.bar(xs + (i - 0.5) * 0.38, meds, 0.38, label=impl)
-    ax.set_xticks(xs, names)
-    ax.set_ylabel("training samples/s")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(REPORTS / "single_process.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -9,19 +9,30 @@
 // the rows and columns past the last window.
 // No #include: the source must compile under NVRTC (cupy.RawModule) as well as nvcc.
 
+// Element e of a (C, H, W, N) array, e = ((c H + h) W + w) N + n, as its four indices.
+struct Index {
+    int c, h, w, n;
+};
+
+__device__ Index split(size_t e, int H, int W, int N) {
+    Index i;
+    i.n = (int)(e % N);
+    e /= N;
+    i.w = (int)(e % W);
+    e /= W;
+    i.h = (int)(e % H);
+    i.c = (int)(e / H);
+    return i;
+}
+
 // Launch: a 1-D grid over y's C Ho Wo N elements (grid-stride).
 extern "C" __global__ void maxpool_forward(const float* x, float* y, unsigned char* win, int C, int H,
                                            int W, int N, int k, int Ho, int Wo) {
     const size_t total = (size_t)C * Ho * Wo * N;
     for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < total;
          e += (size_t)blockDim.x * gridDim.x) {
-        const int n = (int)(e % N);
-        size_t t = e / N;
-        const int b = (int)(t % Wo);
-        t /= Wo;
-        const int a = (int)(t % Ho);
-        const int c = (int)(t / Ho);
-        const float* window = x + (((size_t)c * H + (size_t)a * k) * W + (size_t)b * k) * N + n;
+        const Index i = split(e, Ho, Wo, N);   // i.h, i.w: the window's row and column
+        const float* window = x + (((size_t)i.c * H + (size_t)i.h * k) * W + (size_t)i.w * k) * N + i.n;
         float m = window[0];
         for (int o = 1; o < k * k; ++o) {
             const float v = window[((size_t)(o / k) * W + o % k) * N];
@@ -42,18 +53,13 @@ extern "C" __global__ void maxpool_backward(const float* dy, const unsigned char
     const size_t total = (size_t)C * H * W * N;
     for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < total;
          e += (size_t)blockDim.x * gridDim.x) {
-        const int n = (int)(e % N);
-        size_t t = e / N;
-        const int w = (int)(t % W);
-        t /= W;
-        const int h = (int)(t % H);
-        const int c = (int)(t / H);
-        const int a = h / k, b = w / k;
+        const Index i = split(e, H, W, N);
+        const int a = i.h / k, b = i.w / k;   // the window of x[i]
         if (a >= Ho || b >= Wo) {
             dx[e] = 0.0f;
             continue;
         }
-        const size_t out = (((size_t)c * Ho + a) * Wo + b) * N + n;
-        dx[e] = dy[out] * (win[out] == (h % k) * k + w % k ? 1.0f : 0.0f);
+        const size_t out = (((size_t)i.c * Ho + a) * Wo + b) * N + i.n;
+        dx[e] = dy[out] * (win[out] == (i.h % k) * k + i.w % k ? 1.0f : 0.0f);
     }
 }
