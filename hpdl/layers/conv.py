@@ -15,10 +15,11 @@ from ..backend import array_module
 from ..precision import matmul
 from .base import TRAIN, Layer, Mode
 
-# Off the GPU kernels, a 3 x 3, stride-1 convolution takes the Winograd path when C_in C_out /
-# (C_in + C_out) reaches this: the multiplications it saves grow as C_in x C_out, its transforms' memory passes as
-# C_in + C_out. Measured on one core, batch 64, 14 x 14 (forward + backward, ms, Winograd vs
-# im2col): 32 -> 64 channels 10.9 vs 14.9, 16 -> 32 3.6 vs 3.8, 8 -> 16 1.5 vs 1.2, 1 -> 32 12 vs 1.9.
+# Off the GPU kernels, a 3 x 3, stride-1 convolution takes the Winograd path when
+# C_in C_out / (C_in + C_out) reaches this: the multiplications it saves grow as C_in x C_out,
+# its transforms' memory passes as C_in + C_out. Measured on one core, batch 64, 14 x 14
+# (forward + backward, ms, Winograd vs im2col): 32 -> 64 channels 10.9 vs 14.9, 16 -> 32 3.6
+# vs 3.8, 8 -> 16 1.5 vs 1.2, 1 -> 32 12 vs 1.9.
 WINOGRAD_MIN_WIDTH = 10
 
 # Winograd F(2x2, 3x3) (Lavin & Gray 2016): y = A^T [(G w G^T) * (B^T d B)] A per 4 x 4 input tile d
