@@ -4,8 +4,8 @@
 
 Where Python launch overhead dominates a small model's GPU step, the number of launches is
 the cost to cut: each hpdl.kernels launch and each CuPy array operation (a ufunc, a
-reduction, a product, a zero fill, a copy to the device) is one; allocations without a fill
-are not counted. This counts them for one step of
+reduction, a product, a zero fill, a copy to C order or to the device) is one; allocations
+without a fill are not counted. This counts them for one step of
 loss_and_grads and SGD momentum with the gradient check on the device, as hpdl.train runs
 a float32 GPU step, and times nothing: the stand-in runs on the CPU.
 """
@@ -54,8 +54,9 @@ class counting:
 
     def __enter__(self):
         cp, ops = self.cp, self.ops
-        self.saved = (cp.ndarray.__array_ufunc__, cp.ndarray.__array_function__, cp._device, cp.asarray)
-        ufunc, function, device, asarray = self.saved
+        self.saved = (cp.ndarray.__array_ufunc__, cp.ndarray.__array_function__, cp._device, cp.asarray,
+                      cp.ascontiguousarray)
+        ufunc, function, device, asarray, contiguous = self.saved
 
         def counted_ufunc(array, op, method, *inputs, **kwargs):
             ops[op.__name__ if method == "__call__" else f"{op.__name__}.{method}"] += 1
@@ -79,12 +80,18 @@ class counting:
             ops["asarray (host to device)"] += 1
             return asarray(*args, **kwargs)
 
+        def counted_contiguous(a, *args, **kwargs):
+            if not a.flags.c_contiguous:
+                ops["ascontiguousarray (a copy)"] += 1
+            return contiguous(a, *args, **kwargs)
+
         cp.ndarray.__array_ufunc__, cp.ndarray.__array_function__ = counted_ufunc, counted_function
-        cp._device, cp.asarray = counted_device, counted_asarray
+        cp._device, cp.asarray, cp.ascontiguousarray = counted_device, counted_asarray, counted_contiguous
 
     def __exit__(self, *exc):
         cp = self.cp
-        cp.ndarray.__array_ufunc__, cp.ndarray.__array_function__, cp._device, cp.asarray = self.saved
+        (cp.ndarray.__array_ufunc__, cp.ndarray.__array_function__, cp._device, cp.asarray,
+         cp.ascontiguousarray) = self.saved
 
 
 def main() -> int:
