@@ -261,7 +261,7 @@ def kernel_cases(cp) -> list[tuple[str, str, Callable[[], object], Callable[[], 
         cases.append(("maxpool_backward 2x2", label, lambda g=g, w=win, s=x.shape: k.maxpool_backward(g, w, s, 2),
                       lambda g=g, w=win, s=x.shape: k.maxpool_backward_ref(g, w, s, 2)))
         y, dy = (nchw(randn(*shape[1:], shape[0])) for _ in range(2))
-        cases.append(("bias_relu_backward (conv layout)", "x".join(map(str, shape)),
+        cases.append(("bias_relu_backward (conv layout)", label,
                       lambda y=y, d=dy: k.bias_relu_backward(y, d), lambda y=y, d=dy: k.bias_relu_backward_ref(y, d)))
     for rows, n in ((128, 10), (2048, 1000)):
         logits, labels = randn(rows, n), cp.asarray(np.random.default_rng(SEED).integers(0, n, rows))

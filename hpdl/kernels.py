@@ -950,6 +950,13 @@ def _tensor_table(cp, arrays):
     return cp.asarray(np.array([(_address(a), a.size) for a in arrays], dtype=np.uint64))
 
 
+def _blocks_per_tensor(arrays) -> int:
+    """Blocks striding over each of a pointer table's tensors: enough for the largest to give each
+    thread SUM_SQUARES_PER_THREAD elements, at most SUM_SQUARES_MAX_PARTIALS."""
+    largest = max(a.size for a in arrays)
+    return max(1, min(math.ceil(largest / (ELEMENTWISE_BLOCK * SUM_SQUARES_PER_THREAD)), SUM_SQUARES_MAX_PARTIALS))
+
+
 def sum_squares_ref(arrays):
     """s[t] = sum of arrays[t]^2, one entry per tensor, on the arrays' device (no host sync):
     each the dot product that hpdl.backend.sum_of_squares adds up; LARS and LAMB norms are
@@ -973,8 +980,7 @@ def sum_squares(arrays):
     # The contiguous copies stay referenced in `arrays` until both launches are queued.
     arrays = [cp.ascontiguousarray(a) for a in arrays]
     tensors = _tensor_table(cp, arrays)
-    largest = max(a.size for a in arrays)
-    P = max(1, min(math.ceil(largest / (ELEMENTWISE_BLOCK * SUM_SQUARES_PER_THREAD)), SUM_SQUARES_MAX_PARTIALS))
+    P = _blocks_per_tensor(arrays)
     T = len(arrays)
     partial = cp.empty((T, P), dtype=cp.float32)
     out = cp.empty(T, dtype=cp.float32)
@@ -1008,10 +1014,8 @@ def any_nonfinite(arrays, flag) -> None:
     cp = array_module(flag)
     # The contiguous copies stay referenced in `arrays` until the launch is queued.
     arrays = [cp.ascontiguousarray(a) for a in arrays]
-    largest = max(a.size for a in arrays)
-    blocks = max(1, min(math.ceil(largest / (ELEMENTWISE_BLOCK * SUM_SQUARES_PER_THREAD)), SUM_SQUARES_MAX_PARTIALS))
     load("finite").get_function("any_nonfinite")(
-        (blocks, min(len(arrays), MAX_GRID)), (ELEMENTWISE_BLOCK,),
+        (_blocks_per_tensor(arrays), min(len(arrays), MAX_GRID)), (ELEMENTWISE_BLOCK,),
         (_tensor_table(cp, arrays), np.int32(len(arrays)), flag))
 
 

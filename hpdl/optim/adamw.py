@@ -33,9 +33,8 @@ class AdamW(Optimizer):
     def _update_all(self, params, grads, rates) -> None:
         # One fused kernel launch for every tensor on the GPU (kernels/optim_update.cu), its
         # NumPy oracle elsewhere.
-        ws = [params[i][name] for i, name, _, _ in self._tensors]
-        adamw_update(ws, [grads[i][name] for i, name, _, _ in self._tensors],
-                     [self._zeros(f"{key}/exp_avg", w) for (_, _, key, _), w in zip(self._tensors, ws)],
-                     [self._zeros(f"{key}/exp_avg_sq", w) for (_, _, key, _), w in zip(self._tensors, ws)],
-                     [rates[i] for i, *_ in self._tensors], self.steps, [wd for *_, wd in self._tensors],
-                     self.betas, self.eps, self._halt)
+        ws, gs, lrs, wds = self._columns(params, grads, rates)
+        keys = [key for _, _, key, _ in self._tensors]
+        adamw_update(ws, gs, [self._zeros(f"{key}/exp_avg", w) for key, w in zip(keys, ws)],
+                     [self._zeros(f"{key}/exp_avg_sq", w) for key, w in zip(keys, ws)],
+                     lrs, self.steps, wds, self.betas, self.eps, self._halt)

@@ -111,6 +111,14 @@ class Optimizer:
         """Apply the rule in place to every trainable tensor (`_tensors`), layer i at rate rates[i]."""
         raise NotImplementedError
 
+    def _columns(self, params: list[Params], grads: list[dict[str, Any]],
+                 rates: list[float]) -> tuple[list, list, list[float], list[float]]:
+        """(weights, gradients, rates, decays): one entry per trainable tensor, in `_tensors` order,
+        as the batched update kernels take them."""
+        tensors = self._tensors
+        return ([params[i][name] for i, name, _, _ in tensors], [grads[i][name] for i, name, _, _ in tensors],
+                [rates[i] for i, *_ in tensors], [wd for *_, wd in tensors])
+
     def _refuse(self, found: list[str]) -> None:
         """Stop or skip a step with non-finite values in the `found` layers."""
         if self.on_nonfinite not in POLICIES:

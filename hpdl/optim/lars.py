@@ -60,11 +60,11 @@ class LARS(SGD):
         self.trust: dict[str, float] = {}  # the last step's trust ratio of each adapted tensor, by state key
 
     def _update_all(self, params, grads, rates) -> None:
-        ws = [params[i][name] for i, name, _, _ in self._tensors]
-        adapted = [(key, w, grads[i][name]) for (i, name, key, _), w in zip(self._tensors, ws) if key in self._adapted]
+        ws, gs, lrs, wds = self._columns(params, grads, rates)
+        keys = [key for _, _, key, _ in self._tensors]
+        adapted = [(key, w, g) for key, w, g in zip(keys, ws, gs) if key in self._adapted]
         norms = dict(zip((key for key, *_ in adapted), pair_norms([(w, g) for _, w, g in adapted])))
-        steps = [self._step(key, w, grads[i][name], rates[i], wd, norms.get(key))
-                 for (i, name, key, wd), w in zip(self._tensors, ws)]
+        steps = [self._step(key, w, g, lr, wd, norms.get(key)) for key, w, g, lr, wd in zip(keys, ws, gs, lrs, wds)]
         bufs, firsts = self._momentum_buffers(ws) if self.momentum else (None, None)
         # b = mu b + d; w -= b: SGD's update of direction d at rate 1 without decay (its kernel on the GPU).
         sgd_update(ws, steps, [1.0] * len(ws), [0.0] * len(ws), self.momentum, False, bufs, firsts)

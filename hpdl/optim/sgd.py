@@ -33,10 +33,9 @@ class SGD(Optimizer):
     def _update_all(self, params, grads, rates) -> None:
         # One fused kernel launch for every tensor on the GPU (kernels/optim_update.cu), its
         # NumPy oracle elsewhere.
-        ws = [params[i][name] for i, name, _, _ in self._tensors]
+        ws, gs, lrs, wds = self._columns(params, grads, rates)
         bufs, firsts = self._momentum_buffers(ws) if self.momentum else (None, None)
-        sgd_update(ws, [grads[i][name] for i, name, _, _ in self._tensors], [rates[i] for i, *_ in self._tensors],
-                   [wd for *_, wd in self._tensors], self.momentum, self.nesterov, bufs, firsts, self._halt)
+        sgd_update(ws, gs, lrs, wds, self.momentum, self.nesterov, bufs, firsts, self._halt)
 
     def _momentum_buffers(self, ws) -> tuple[list, list[bool]]:
         """(buffers, firsts): each tensor's momentum buffer, and whether this is its first step

@@ -27,10 +27,15 @@ MODELS = {"mlp": "{hidden: [16]}", "cnn": "{channels: [2, 3], hidden: 8, dropout
 RTOL = 1e-4
 
 
+def fake_gpu_env() -> dict:
+    """The environment of a process whose `import cupy` finds the stand-in, one BLAS thread."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAKEGPU), str(ROOT)]), "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1"}
+
+
 def train(device: str, args: list[str], ranks: int = 1, launches: Path | None = None, env: dict | None = None) -> dict:
     """hpdl.train's RESULT record; tests/fakegpu stands in for CuPy on both devices."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAKEGPU), str(ROOT)]), "OMP_NUM_THREADS": "1",
-           "OPENBLAS_NUM_THREADS": "1", "FAKEGPU_LAUNCHES": str(launches or ""), **(env or {})}
+    env = {**fake_gpu_env(), "FAKEGPU_LAUNCHES": str(launches or ""), **(env or {})}
     cmd = [sys.executable, "-c", BOOT, "--device", device, "--no-progress", "--eval-every", "0", *args]
     if ranks > 1:
         cmd = [str(MPIRUN), "-n", str(ranks), *cmd]
@@ -72,10 +77,8 @@ def test_a_gpu_step_takes_one_update_launch_and_no_winograd_products():
     """benchmarks.launches counts one float32 GPU step on the stand-in: the mlp's is exactly its 8
     hpdl kernels (fused Linear+ReLU, one batched update) and its 8 products; the cnn's wide
     convolution takes im2col on the GPU, so its step has 11 products, not Winograd's 16 per pass."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAKEGPU), str(ROOT)]), "OMP_NUM_THREADS": "1",
-           "OPENBLAS_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", COUNT, "mlp", "cnn"], capture_output=True, text=True,
-                          timeout=300, env=env)
+                          timeout=300, env=fake_gpu_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = json.loads(proc.stdout.splitlines()[-1])
     assert counts["mlp"][0] == {"bias_relu_forward": 2, "bias_relu_backward": 2, "softmax_xent": 1, "any_nonfinite": 1,
