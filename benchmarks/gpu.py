@@ -216,16 +216,19 @@ def kernel_cases(cp) -> list[tuple[str, str, Callable[[], object], Callable[[], 
         cases.append(("layernorm_backward", f"{rows}x{n}",
                       lambda d=dy, h=xhat, r=rstd, ga=gamma: k.layernorm_backward(d, h, r, ga),
                       lambda d=dy, h=xhat, r=rstd, ga=gamma: k.layernorm_backward_ref(d, h, r, ga)))
-    for shape in ((128, 16, 28, 28), (512, 64, 7, 7), (2048, 32, 14, 14)):
+    bn_shapes = ((128, 16, 28, 28), (512, 64, 7, 7), (2048, 32, 14, 14))
+    for shape, layout in itertools.product(bn_shapes, ("", " (conv layout)")):
         c = shape[1]
-        x, dy, gamma, beta = randn(*shape), randn(*shape), randn(c), randn(c)
+        # NCHW, or NCHW views of the batch-innermost memory a convolution hands BatchNorm in a resnet
+        x, dy = ((nchw(randn(*shape[1:], shape[0])) for _ in range(2)) if layout else (randn(*shape), randn(*shape)))
+        gamma, beta = randn(c), randn(c)
         rm, rv = cp.zeros(c, cp.float32), cp.ones(c, cp.float32)
         _, xhat, rstd = k.batchnorm_forward(x, gamma, beta, rm, rv)
         label = "x".join(map(str, shape))
-        cases.append(("batchnorm_forward", label,
+        cases.append(("batchnorm_forward" + layout, label,
                       lambda x=x, ga=gamma, b=beta, m=rm, v=rv: k.batchnorm_forward(x, ga, b, m, v),
                       lambda x=x, ga=gamma, b=beta, m=rm, v=rv: k.batchnorm_forward_ref(x, ga, b, m, v)))
-        cases.append(("batchnorm_backward", label,
+        cases.append(("batchnorm_backward" + layout, label,
                       lambda d=dy, h=xhat, r=rstd, ga=gamma: k.batchnorm_backward(d, h, r, ga),
                       lambda d=dy, h=xhat, r=rstd, ga=gamma: k.batchnorm_backward_ref(d, h, r, ga)))
     for n, c, hw, kk, s, pad in ((128, 1, 28, 3, 1, 1), (128, 32, 14, 3, 1, 1), (512, 32, 14, 3, 2, 1)):
@@ -252,7 +255,7 @@ def kernel_cases(cp) -> list[tuple[str, str, Callable[[], object], Callable[[], 
         cases.append(("bias_gelu_backward", f"{rows}x{n}", lambda u=x, d=dy: k.bias_gelu_backward(u, d),
                       lambda u=x, d=dy: k.bias_gelu_backward_ref(u, d)))
     for shape in ((128, 32, 28, 28), (512, 64, 14, 14)):
-        # Max pooling and ReLU's backward on a convolution's output: NCHW views of batch-innermost memory.
+        # Max pooling and ReLU on a convolution's output: NCHW views of batch-innermost memory.
         x, label = nchw(randn(*shape[1:], shape[0])), "x".join(map(str, shape))
         _, win = k.maxpool_forward(x, 2)
         g = nchw(randn(shape[1], shape[2] // 2, shape[3] // 2, shape[0]))
@@ -261,6 +264,7 @@ def kernel_cases(cp) -> list[tuple[str, str, Callable[[], object], Callable[[], 
         cases.append(("maxpool_backward 2x2", label, lambda g=g, w=win, s=x.shape: k.maxpool_backward(g, w, s, 2),
                       lambda g=g, w=win, s=x.shape: k.maxpool_backward_ref(g, w, s, 2)))
         y, dy = (nchw(randn(*shape[1:], shape[0])) for _ in range(2))
+        cases.append(("relu_forward (conv layout)", label, lambda x=y: k.relu_forward(x), lambda x=y: x * (x > 0)))
         cases.append(("bias_relu_backward (conv layout)", label,
                       lambda y=y, d=dy: k.bias_relu_backward(y, d), lambda y=y, d=dy: k.bias_relu_backward_ref(y, d)))
     for rows, n in ((128, 10), (2048, 1000)):

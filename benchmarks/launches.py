@@ -4,10 +4,10 @@
 
 Where Python launch overhead dominates a small model's GPU step, the number of launches is
 the cost to cut: each hpdl.kernels launch and each CuPy array operation (a ufunc, a
-reduction, a product, a zero fill, a copy to C order or to the device) is one; allocations
-without a fill are not counted. This counts them for one step of
-loss_and_grads and SGD momentum with the gradient check on the device, as hpdl.train runs
-a float32 GPU step, and times nothing: the stand-in runs on the CPU.
+reduction, a product, a zero fill, an assignment into a slice, a copy to C order or to the
+device) is one; allocations without a fill are not counted. This counts them for one step of
+loss_and_grads and SGD momentum with the gradient check on the device, as hpdl.train runs a
+float32 GPU step, and times nothing: the stand-in runs on the CPU.
 """
 from __future__ import annotations
 
@@ -54,9 +54,9 @@ class counting:
 
     def __enter__(self):
         cp, ops = self.cp, self.ops
-        self.saved = (cp.ndarray.__array_ufunc__, cp.ndarray.__array_function__, cp._device, cp.asarray,
-                      cp.ascontiguousarray)
-        ufunc, function, device, asarray, contiguous = self.saved
+        self.saved = (cp.ndarray.__array_ufunc__, cp.ndarray.__array_function__, cp.ndarray.__setitem__,
+                      cp._device, cp.asarray, cp.ascontiguousarray)
+        ufunc, function, setitem, device, asarray, contiguous = self.saved
 
         def counted_ufunc(array, op, method, *inputs, **kwargs):
             ops[op.__name__ if method == "__call__" else f"{op.__name__}.{method}"] += 1
@@ -65,6 +65,10 @@ class counting:
         def counted_function(array, func, types, args, kwargs):
             ops[func.__name__] += 1
             return function(array, func, types, args, kwargs)
+
+        def counted_setitem(array, key, value):
+            ops["setitem (a copy or fill)"] += 1
+            return setitem(array, key, value)
 
         def counted_device(fn):
             inner = device(fn)
@@ -86,12 +90,13 @@ class counting:
             return contiguous(a, *args, **kwargs)
 
         cp.ndarray.__array_ufunc__, cp.ndarray.__array_function__ = counted_ufunc, counted_function
+        cp.ndarray.__setitem__ = counted_setitem
         cp._device, cp.asarray, cp.ascontiguousarray = counted_device, counted_asarray, counted_contiguous
 
     def __exit__(self, *exc):
         cp = self.cp
-        (cp.ndarray.__array_ufunc__, cp.ndarray.__array_function__, cp._device, cp.asarray,
-         cp.ascontiguousarray) = self.saved
+        (cp.ndarray.__array_ufunc__, cp.ndarray.__array_function__, cp.ndarray.__setitem__, cp._device,
+         cp.asarray, cp.ascontiguousarray) = self.saved
 
 
 def main() -> int:

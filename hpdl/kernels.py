@@ -93,6 +93,19 @@ def bias_relu_forward(x, b, out=None):
     return y
 
 
+def relu_forward(x):
+    """x (x > 0) (bias_relu_forward_ref without the bias), stored as x is: one launch on the GPU
+    whenever x is dense in some axis order, where a CuPy ufunc would write a C-ordered result."""
+    if not _use_kernel(x):
+        return x * (x > 0)
+    y = array_module(x).empty_like(x)   # empty_like keeps a dense x's layout
+    if not _dense_alike(x, y):
+        return x * (x > 0)
+    load("bias_act").get_function("relu_forward")(
+        _grid_flat(x.size), (ELEMENTWISE_BLOCK,), (x, y, np.uint64(x.size)))
+    return y
+
+
 def bias_relu_backward(y, dy, out=None):
     """dx = dy * (y > 0), y the forward output; out=dy computes it in place.
 
@@ -702,30 +715,55 @@ def _nc_s(x) -> tuple[int, int, int]:
     return n, c, x.size // max(n * c, 1)
 
 
+def _channel_layout(x) -> tuple[int, int, int] | None:
+    """norm.cu's (c_stride, run, run_stride), in elements, for x (N, C, ...) stored C-ordered (NCHW)
+    or channel-major with each channel's values dense (conv's batch-innermost (C, H, W, N)); None
+    for any other layout."""
+    n, c, s = _nc_s(x)
+    if x.flags.c_contiguous:
+        return s, s, c * s
+    if (c == 1 or x.strides[1] == n * s * x.itemsize) and _dense_alike(x):
+        return n * s, n * s, 0
+    return None
+
+
+def _empty_as(x):
+    """An uninitialized array with x's shape, dtype and strides, x dense in some axis order."""
+    order = sorted(range(x.ndim), key=lambda i: -x.strides[i])   # memory order, outermost first
+    base = array_module(x).empty(tuple(x.shape[i] for i in order), dtype=x.dtype)
+    return base.transpose(np.argsort(order))
+
+
 def batchnorm_forward(x, gamma, beta, running_mean, running_var, eps: float = 1e-5,
                       momentum: float = 0.1):
-    """batchnorm_forward_ref, one block per channel on the GPU."""
+    """batchnorm_forward_ref, one block per channel on the GPU; y and xhat in x's layout when
+    that is NCHW or channel-major (else x is first copied to C order)."""
     _check_norm(x, gamma, beta, 1)
     _check_same(gamma, running_mean, running_var)
     if not _use_kernel(x, gamma, beta, running_mean, running_var):
         return batchnorm_forward_ref(x, gamma, beta, running_mean, running_var, eps, momentum)
     _written(running_mean, running_var)
     cp = array_module(x)
-    x, gamma, beta = cp.ascontiguousarray(x), cp.ascontiguousarray(gamma), cp.ascontiguousarray(beta)
+    gamma, beta = cp.ascontiguousarray(gamma), cp.ascontiguousarray(beta)
+    layout = _channel_layout(x)
+    if layout is None:
+        x = cp.ascontiguousarray(x)
+        layout = _channel_layout(x)
     N, C, S = _nc_s(x)
     count = N * S
-    y, xhat = cp.empty_like(x), cp.empty_like(x)
+    y, xhat = _empty_as(x), _empty_as(x)
     rstd = cp.empty(_channel_shape(x), dtype=x.dtype)
     load("norm").get_function("batchnorm_forward")(
         (max(1, min(C, MAX_GRID)),), (_norm_block(count),),
-        (x, gamma, beta, y, xhat, rstd, running_mean, running_var, np.int32(N), np.int32(C),
-         np.int32(S), np.float32(eps), np.float32(1.0 - momentum), np.float32(momentum),
+        (x, gamma, beta, y, xhat, rstd, running_mean, running_var, np.int32(C), np.uint64(count),
+         *map(np.uint64, layout), np.float32(eps), np.float32(1.0 - momentum), np.float32(momentum),
          np.float32(momentum * (count / max(count - 1, 1)))))
     return y, xhat, rstd
 
 
 def batchnorm_backward(dy, xhat, rstd, gamma):
-    """batchnorm_backward_ref, one block per channel on the GPU (dx, dgamma, dbeta in one launch)."""
+    """batchnorm_backward_ref, one block per channel on the GPU (dx, dgamma, dbeta in one launch);
+    dx in xhat's layout, dy copied to it first if stored otherwise."""
     _check_norm(dy, gamma, None, 1)
     _check_same(dy, xhat)
     if rstd.shape != _channel_shape(dy):
@@ -733,13 +771,21 @@ def batchnorm_backward(dy, xhat, rstd, gamma):
     if not _use_kernel(dy, xhat, rstd, gamma):
         return batchnorm_backward_ref(dy, xhat, rstd, gamma)
     cp = array_module(dy)
-    dy, xhat, rstd, gamma = (cp.ascontiguousarray(a) for a in (dy, xhat, rstd, gamma))
+    rstd, gamma = cp.ascontiguousarray(rstd), cp.ascontiguousarray(gamma)
+    layout = _channel_layout(xhat)
+    if layout is None:
+        xhat = cp.ascontiguousarray(xhat)
+        layout = _channel_layout(xhat)
+    if dy.strides != xhat.strides:
+        dy_in_layout = _empty_as(xhat)
+        dy_in_layout[...] = dy
+        dy = dy_in_layout
     N, C, S = _nc_s(dy)
-    dx = cp.empty_like(dy)
+    dx = _empty_as(xhat)
     dgamma, dbeta = cp.empty(C, dtype=dy.dtype), cp.empty(C, dtype=dy.dtype)
     load("norm").get_function("batchnorm_backward")(
         (max(1, min(C, MAX_GRID)),), (_norm_block(N * S),),
-        (dy, xhat, rstd, gamma, dx, dgamma, dbeta, np.int32(N), np.int32(C), np.int32(S)))
+        (dy, xhat, rstd, gamma, dx, dgamma, dbeta, np.int32(C), np.uint64(N * S), *map(np.uint64, layout)))
     return dx, dgamma, dbeta
 
 

@@ -29,6 +29,16 @@ extern "C" __global__ void bias_relu_forward(const float* x, const float* b, flo
     }
 }
 
+// y = x (x > 0), hpdl's ReLU without a bias, in the layout x is stored in (a CuPy ufunc would
+// write it C-ordered, turning conv's batch-innermost activations around).
+// x, y: n elements, any shape; y may alias x.
+extern "C" __global__ void relu_forward(const float* x, float* y, size_t n) {
+    for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+         k += (size_t)blockDim.x * gridDim.x) {
+        y[k] = x[k] * (x[k] > 0.0f ? 1.0f : 0.0f);
+    }
+}
+
 // dx = dy * (y > 0): y > 0 exactly where x + b > 0, so the forward output is the mask.
 // A multiply rather than a select, so a NaN or Inf in dy stays NaN where the mask is 0, as
 // in the NumPy code: the gradient check sees it on both paths.

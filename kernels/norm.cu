@@ -122,39 +122,47 @@ extern "C" __global__ void column_sums_finish(const float* partial, float* out, 
     }
 }
 
-// ---- BatchNorm, training mode: statistics over N and the S = H W pixels per channel -------
+// ---- BatchNorm, training mode: statistics over the M = N H W values of each channel ------
+//
+// Value k (0 <= k < M) of channel c lies at c_stride c + run_stride (k / run) + k % run, in runs
+// of `run` contiguous floats: (N, C, S) row-major (NCHW, S = H W) is c_stride = run = S,
+// run_stride = C S; channel-major storage, conv's batch-innermost (C, H, W, N) among them, is
+// c_stride = run = M, one run per channel. Every array of one launch shares the layout.
+struct ChannelLayout {
+    size_t c_stride, run, run_stride;
+    __device__ size_t at(int c, size_t k) const {
+        const size_t r = k / run;
+        return c * c_stride + r * run_stride + (k - r * run);
+    }
+};
 
-// x, y, xhat: (N, C, S) row-major  gamma, beta, rstd, running_mean, running_var: (C,)
-// M = N S;  mean = sum(x) / M;  var = sum((x - mean)^2) / M;  rstd = 1 / sqrt(var + eps);
+// x, y, xhat: the layout L = (c_stride, run, run_stride)  gamma, beta, rstd, running_mean, running_var: (C,)
+// mean = sum(x) / M;  var = sum((x - mean)^2) / M;  rstd = 1 / sqrt(var + eps);
 // xhat = (x - mean) rstd;  y = xhat gamma + beta;
 // running_mean = running_mean keep + mom mean;  running_var = running_var keep + mom_unb var
 // with keep = 1 - momentum, mom = momentum, mom_unb = momentum M / (M - 1).
 extern "C" __global__ void batchnorm_forward(const float* x, const float* gamma,
                                              const float* beta, float* y, float* xhat,
                                              float* rstd, float* running_mean,
-                                             float* running_var, int N, int C, int S,
+                                             float* running_var, int C, size_t M,
+                                             size_t c_stride, size_t run, size_t run_stride,
                                              float eps, float keep, float mom, float mom_unb) {
     __shared__ float scratch[33];
-    const size_t M = (size_t)N * S;
+    const ChannelLayout L{c_stride, run, run_stride};
     for (int c = blockIdx.x; c < C; c += gridDim.x) {
         float s = 0.0f;
-        for (size_t k = threadIdx.x; k < M; k += blockDim.x) {
-            size_t i = k / S;
-            s += x[(i * C + c) * S + (k - i * S)];
-        }
+        for (size_t k = threadIdx.x; k < M; k += blockDim.x) s += x[L.at(c, k)];
         const float mean = block_sum(s, scratch) / M;
         float q = 0.0f;
         for (size_t k = threadIdx.x; k < M; k += blockDim.x) {
-            size_t i = k / S;
-            float d = x[(i * C + c) * S + (k - i * S)] - mean;
+            float d = x[L.at(c, k)] - mean;
             q += d * d;
         }
         const float var = block_sum(q, scratch) / M;
         const float r = 1.0f / sqrtf(var + eps);
         const float gc = gamma[c], bc = beta[c];
         for (size_t k = threadIdx.x; k < M; k += blockDim.x) {
-            size_t i = k / S;
-            size_t idx = (i * C + c) * S + (k - i * S);
+            const size_t idx = L.at(c, k);
             float h = (x[idx] - mean) * r;
             xhat[idx] = h;
             y[idx] = h * gc + bc;
@@ -167,21 +175,20 @@ extern "C" __global__ void batchnorm_forward(const float* x, const float* gamma,
     }
 }
 
-// dy, xhat, dx: (N, C, S)  rstd, gamma, dgamma, dbeta: (C,)   (training mode)
-// dbeta = sum dy;  dgamma = sum dy xhat;  with dxhat = dy gamma, over the M = N S values:
+// dy, xhat, dx: the layout L  rstd, gamma, dgamma, dbeta: (C,)   (training mode)
+// dbeta = sum dy;  dgamma = sum dy xhat;  with dxhat = dy gamma, over the M values:
 // dx = rstd (dxhat - gamma dbeta / M - xhat gamma dgamma / M)
 // = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)): one reading pass, one writing pass.
 extern "C" __global__ void batchnorm_backward(const float* dy, const float* xhat,
                                               const float* rstd, const float* gamma, float* dx,
-                                              float* dgamma, float* dbeta, int N, int C,
-                                              int S) {
+                                              float* dgamma, float* dbeta, int C, size_t M,
+                                              size_t c_stride, size_t run, size_t run_stride) {
     __shared__ float scratch[33];
-    const size_t M = (size_t)N * S;
+    const ChannelLayout L{c_stride, run, run_stride};
     for (int c = blockIdx.x; c < C; c += gridDim.x) {
         float a = 0.0f, b = 0.0f;
         for (size_t k = threadIdx.x; k < M; k += blockDim.x) {
-            size_t i = k / S;
-            size_t idx = (i * C + c) * S + (k - i * S);
+            const size_t idx = L.at(c, k);
             a += dy[idx];
             b += dy[idx] * xhat[idx];
         }
@@ -190,8 +197,7 @@ extern "C" __global__ void batchnorm_backward(const float* dy, const float* xhat
         const float gc = gamma[c], r = rstd[c];
         const float mean_d = gc * sum_dy / M, mean_dx = gc * sum_dyx / M;
         for (size_t k = threadIdx.x; k < M; k += blockDim.x) {
-            size_t i = k / S;
-            size_t idx = (i * C + c) * S + (k - i * S);
+            const size_t idx = L.at(c, k);
             dx[idx] = r * (dy[idx] * gc - mean_d - xhat[idx] * mean_dx);
         }
         if (threadIdx.x == 0) {

@@ -33,8 +33,15 @@ class Linear(Layer):
         return bias_relu_forward(y, params["b"], out=y), (x, y)
 
     def backward(self, params, cache, dy):
-        # dy: (B, n_out) -> dx: (B, n_in), dW: (n_in, n_out), db: (n_out,)
-        return matmul(dy, params["W"].T), self.param_grads(params, cache, dy)
+        # dy: (B, n_out) -> dx: (B, n_in) stored as x is, dW: (n_in, n_out), db: (n_out,)
+        x = cache
+        if x.flags.f_contiguous and not x.flags.c_contiguous:
+            # x is conv's batch-innermost output flattened: dx = (W dy^T)^T lands in that layout,
+            # where dy W^T would cost the layer below a transposing copy.
+            dx = matmul(params["W"], dy.T).T
+        else:
+            dx = matmul(dy, params["W"].T)
+        return dx, self.param_grads(params, cache, dy)
 
     def param_grads(self, params, cache, dy):
         x = cache

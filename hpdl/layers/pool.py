@@ -75,13 +75,15 @@ class GlobalAvgPool(Layer):
     """Mean over all spatial positions: (N, C, H, W) -> (N, C)."""
 
     def forward(self, params, x, mode: Mode = TRAIN):
-        return x.mean(axis=(2, 3)), x.shape
+        # The cache is x itself (held anyway as the previous layer's output), for its layout.
+        return x.mean(axis=(2, 3)), x
 
     def backward(self, params, cache, dy):
-        # dy: (N, C) -> dx: (N, C, H, W), each position receiving an equal share
-        xp = array_module(dy)
-        h, w = cache[2:]
-        return xp.broadcast_to(dy[:, :, None, None] / (h * w), cache).copy(), {}
+        # dy: (N, C) -> dx: (N, C, H, W) stored as x is, each position receiving an equal share
+        h, w = cache.shape[2:]
+        dx = array_module(dy).empty_like(cache)
+        dx[...] = dy[:, :, None, None] / (h * w)
+        return dx, {}
 
     def out_shape(self, in_shape):
         return in_shape[:1]

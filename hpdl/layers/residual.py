@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from ..backend import array_module
 from .activation import ReLU
 from .base import TRAIN, Layer, Mode, Params
 
@@ -15,6 +16,12 @@ def _sub(params: Params, tag: str) -> Params:
     """The sub-layer's own view of the block's parameters: "s0.W" -> "W" for tag "s0"."""
     prefix = tag + "."
     return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def _add(a, b):
+    """a + b stored as a is: a CuPy ufunc writes a new result C-ordered, which would turn conv's
+    batch-innermost activations around and cost a copy at the next BatchNorm or conv."""
+    return array_module(a).add(a, b, out=array_module(a).empty_like(a))
 
 
 def _chain_forward(parts: list[Part], params: Params, x, mode: Mode):
@@ -76,7 +83,7 @@ class Residual(Layer):
         # x: (N, C_in, H, W) -> y: (N, C_out, Ho, Wo), the branch's output shape
         h, branch_caches = _chain_forward(self._branch(), params, x, mode)
         s, shortcut_caches = _chain_forward(self._shortcut(), params, x, mode)
-        y, post_caches = _chain_forward(self._post(), params, h + s, mode)
+        y, post_caches = _chain_forward(self._post(), params, _add(h, s), mode)
         return y, (branch_caches, shortcut_caches, post_caches)
 
     def backward(self, params, cache, dy):
@@ -85,7 +92,7 @@ class Residual(Layer):
         dz = _chain_backward(self._post(), params, post_caches, dy, grads)
         dx_branch = _chain_backward(self._branch(), params, branch_caches, dz, grads)
         dx_shortcut = _chain_backward(self._shortcut(), params, shortcut_caches, dz, grads)
-        return dx_branch + dx_shortcut, grads
+        return _add(dx_branch, dx_shortcut), grads
 
     def _chain_shapes(self, layers: list[Layer], in_shape):
         shapes = [in_shape]

@@ -23,6 +23,7 @@ import pytest
 cp = pytest.importorskip("cupy")
 
 from accuracy import assert_as_accurate  # noqa: E402  (after the skip: nothing to test without cupy)
+from layouts import expected_layout, stored  # noqa: E402
 from hpdl import kernels  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -220,27 +221,33 @@ def test_layernorm_parity(shape):
 
 
 # (N, C) and (N, C, H, W); one channel of 262144 values; more channels than warps in a block.
+BATCHNORM_LAYOUTS = [("nchw", "nchw"), ("batch_inner", "batch_inner"), ("batch_inner", "nchw"), ("nhwc", "nhwc")]
 BATCHNORM_SHAPES = [(1, 1), (3, 5), (256, 10), (4, 3, 5, 7), (64, 1, 64, 64), (8, 100, 4, 4)]
 
 
+@pytest.mark.parametrize("x_layout,dy_layout", BATCHNORM_LAYOUTS)
 @pytest.mark.parametrize("shape", BATCHNORM_SHAPES)
-def test_batchnorm_parity(shape):
+def test_batchnorm_parity(shape, x_layout, dy_layout):
     """Training-mode forward (y, xhat, rstd, running statistics) and backward are as accurate
-    as NumPy float32's."""
+    as NumPy float32's, with x and dy stored NCHW, batch-innermost or NHWC; y, xhat and dx keep
+    x's layout where the kernels walk it (NCHW, batch-innermost)."""
     rng = np.random.default_rng(7)
     c = shape[1]
     x = _randn(rng, shape, 2.0) - np.float32(1.0)
     gamma, beta, dy = _randn(rng, c), _randn(rng, c), _randn(rng, shape)
     rm, rv = _randn(rng, c), np.abs(_randn(rng, c))
     rm_d, rv_d = _dev(rm, rv)
-    out = kernels.batchnorm_forward(*_dev(x, gamma, beta), rm_d, rv_d, 1e-5, 0.1)
+    x_d = stored(cp.asarray(x), x_layout)
+    out = kernels.batchnorm_forward(x_d, *_dev(gamma, beta), rm_d, rv_d, 1e-5, 0.1)
+    assert out[0].strides == out[1].strides == stored(x_d, expected_layout(x_layout)).strides
     rm32, rv32, rm64, rv64 = rm.copy(), rv.copy(), rm.astype(np.float64), rv.astype(np.float64)
     ref32 = kernels.batchnorm_forward_ref(x, gamma, beta, rm32, rv32, 1e-5, 0.1)
     ref64 = kernels.batchnorm_forward_ref(*(a.astype(np.float64) for a in (x, gamma, beta)), rm64, rv64, 1e-5, 0.1)
     for name, k, r32, r64 in zip(("y", "xhat", "rstd", "running_mean", "running_var"),
                                  _host(*out, rm_d, rv_d), (*ref32, rm32, rv32), (*ref64, rm64, rv64)):
         assert_as_accurate(k, r32, r64, name)
-    grads = kernels.batchnorm_backward(cp.asarray(dy), out[1], out[2], cp.asarray(gamma))
+    grads = kernels.batchnorm_backward(stored(cp.asarray(dy), dy_layout), out[1], out[2], cp.asarray(gamma))
+    assert grads[0].strides == out[1].strides
     gref32 = kernels.batchnorm_backward_ref(dy, ref32[1], ref32[2], gamma)
     gref64 = kernels.batchnorm_backward_ref(dy.astype(np.float64), ref64[1], ref64[2], gamma.astype(np.float64))
     axes = (0,) + tuple(range(2, len(shape)))

@@ -42,8 +42,8 @@ def test_bias_relu_backward_parity(shape):
 
 def test_bias_relu_non_finite_values_and_batch_innermost_layout():
     """NaN and -Inf give NaN in the forward kernel, and dy's NaN and Inf stay non-finite where the
-    mask is 0, as in the oracles; backward on NCHW views of (C, H, W, N) memory (a convolution's output) keeps
-    that layout and equals the oracle."""
+    mask is 0, as in the oracles; backward and relu_forward on NCHW views of (C, H, W, N) memory (a
+    convolution's output) keep that layout and equal the oracles, NaN and Inf included."""
     rng = np.random.default_rng(11)
     x, b, dy = _randn(rng, (4, 40)), _randn(rng, (40,)), _randn(rng, (4, 40))
     x[0, :4], dy[1, :4] = [np.nan, -np.inf, np.inf, 0.0], [np.nan, np.inf, -np.inf, 0.0]
@@ -56,6 +56,12 @@ def test_bias_relu_non_finite_values_and_batch_innermost_layout():
     dx4 = kernels.bias_relu_backward(y4, dy4)
     assert dx4.strides == dy4.strides and not dy4.flags.c_contiguous
     np.testing.assert_array_equal(cp.asnumpy(dx4), kernels.bias_relu_backward_ref(cp.asnumpy(y4), cp.asnumpy(dy4)))
+    x4 = cp.asarray(_randn(rng, (3, 4, 5, 64))).transpose(3, 0, 1, 2)
+    x4[0, 0, 0, :3] = cp.asarray([np.nan, -np.inf, np.inf], dtype=cp.float32)
+    y4 = kernels.relu_forward(x4)
+    assert y4.strides == x4.strides
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(cp.asnumpy(y4), cp.asnumpy(x4) * (cp.asnumpy(x4) > 0))
 
 
 @pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES)

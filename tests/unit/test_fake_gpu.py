@@ -53,9 +53,9 @@ def options(tiny_h5, tmp_path, model: str) -> list[str]:
 
 @pytest.mark.parametrize("model, kernels", [
     ("mlp", {"softmax_xent", "sgd_update", "any_nonfinite", "bias_relu_forward", "bias_relu_backward"}),
-    ("cnn", {"softmax_xent", "sgd_update", "any_nonfinite", "im2col", "col2im", "bias_relu_forward",
+    ("cnn", {"softmax_xent", "sgd_update", "any_nonfinite", "im2col", "col2im", "bias_relu_forward", "relu_forward",
              "bias_relu_backward", "maxpool_forward", "maxpool_backward"}),
-    ("resnet", {"softmax_xent", "sgd_update", "any_nonfinite", "im2col", "col2im", "batchnorm_forward",
+    ("resnet", {"softmax_xent", "sgd_update", "any_nonfinite", "im2col", "col2im", "batchnorm_forward", "relu_forward",
                 "batchnorm_backward", "bias_relu_backward"})])
 def test_one_process_gpu_run_uses_the_kernels_and_trains_as_the_cpu(tiny_h5, tmp_path, model, kernels):
     """Three SGD steps and the evaluation on the fake GPU launch the model's kernels and end with
@@ -73,11 +73,13 @@ COUNT = ("import json, sys, cupy, hpdl.kernels as k; k.MAX_GRID = 3; from benchm
          "print(json.dumps({m: [dict(c) for c in count_step(cupy, m)] for m in sys.argv[1:]}))")
 
 
-def test_a_gpu_step_takes_one_update_launch_and_no_winograd_products():
+def test_a_gpu_step_takes_one_update_launch_and_no_winograd_products_or_layout_copies():
     """benchmarks.launches counts one float32 GPU step on the stand-in: the mlp's is exactly its 8
     hpdl kernels (fused Linear+ReLU, one batched update) and its 8 products; the cnn's wide
-    convolution takes im2col on the GPU, so its step has 11 products, not Winograd's 16 per pass."""
-    proc = subprocess.run([sys.executable, "-c", COUNT, "mlp", "cnn"], capture_output=True, text=True,
+    convolution takes im2col on the GPU, so its step has 11 products, not Winograd's 16 per pass;
+    neither the cnn nor the resnet copies an activation to another layout or falls back from a
+    kernel for want of one (the stand-in, like CuPy, writes a ufunc's result C-ordered)."""
+    proc = subprocess.run([sys.executable, "-c", COUNT, "mlp", "cnn", "resnet"], capture_output=True, text=True,
                           timeout=300, env=fake_gpu_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = json.loads(proc.stdout.splitlines()[-1])
@@ -85,6 +87,10 @@ def test_a_gpu_step_takes_one_update_launch_and_no_winograd_products():
                                 "record_refusal": 1, "sgd_update": 1}
     assert counts["mlp"][1]["matmul"] == 8   # 3 Linear layers: 3 forward, 3 dW, 2 dx
     assert counts["cnn"][1]["matmul"] == 11 and counts["cnn"][0]["col2im"] == 1
+    for model in ("cnn", "resnet"):   # a ReLU backward off its kernel would show as a `greater`
+        ops = counts[model][1]
+        assert "ascontiguousarray (a copy)" not in ops and "greater" not in ops, (model, ops)
+    assert counts["resnet"][1]["setitem (a copy or fill)"] == 1   # GlobalAvgPool's dx, nothing else
 
 
 needs_mpirun = pytest.mark.skipif(not MPIRUN.exists(), reason="mpirun (the mpich wheel) is not installed")

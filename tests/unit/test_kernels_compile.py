@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from accuracy import assert_as_accurate
+from layouts import expected_layout, stored
 from hpdl import kernels
 from hpdl.kernels import (bias_gelu_backward_ref, bias_gelu_forward_ref, bias_relu_backward_ref,
                           bias_relu_forward_ref, softmax_xent, softmax_xent_ref)
@@ -271,7 +272,8 @@ def test_host_im2col_col2im_kernels_are_bit_identical(host_kernels, case, batche
 def test_host_bias_relu_kernels_are_bit_identical(host_kernels):
     """bias_relu_forward (2-D grid, rows striding past the grid cap) and backward equal their
     oracles, NaN and Inf included (NaN and -Inf give NaN forward; dy's NaN and Inf stay non-finite
-    where the mask is 0); backward runs on a batch-innermost layout in place, and falls back on mixed ones."""
+    where the mask is 0); backward runs on a batch-innermost layout in place, and falls back on mixed
+    ones; relu_forward equals ReLU's x (x > 0) on a batch-innermost layout, and keeps it."""
     rng = np.random.default_rng(3)
     x, b, dy = _f32(rng, 11, 300), _f32(rng, 300), _f32(rng, 11, 300)
     x[0, :4], dy[1, :4] = [np.nan, -np.inf, np.inf, 0.0], [np.nan, np.inf, -np.inf, 0.0]
@@ -286,6 +288,12 @@ def test_host_bias_relu_kernels_are_bit_identical(host_kernels):
     np.testing.assert_array_equal(dx4, host_kernels.bias_relu_backward_ref(y4, dy4))
     np.testing.assert_array_equal(host_kernels.bias_relu_backward(y4, np.ascontiguousarray(dy4)), dx4)
     assert host_kernels.launches["bias_relu_backward"] == 2   # the layouts differ: the oracle ran
+    x4 = _f32(rng, 3, 4, 5, 2).transpose(3, 0, 1, 2)
+    x4[0, 0, 0, :3] = [np.nan, -np.inf, np.inf]
+    with np.errstate(invalid="ignore"):
+        r4 = host_kernels.relu_forward(x4)
+        assert host_kernels.launches["relu_forward"] == 1 and r4.strides == x4.strides
+        np.testing.assert_array_equal(r4, x4 * (x4 > 0))
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (5, 10), (2, 7, 33), (4, 1100)])
@@ -311,17 +319,22 @@ def test_host_layernorm_kernels_within_allowance(host_kernels, shape):
         assert_as_accurate(k, r32, r64, name, abs_sum)
 
 
+@pytest.mark.parametrize("x_layout,dy_layout", [("nchw", "nchw"), ("batch_inner", "batch_inner"),
+                                                 ("batch_inner", "nchw"), ("nhwc", "nhwc")])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (4, 3, 5, 7), (8, 7, 3, 3), (16, 2, 40, 40)])
-def test_host_batchnorm_kernels_within_allowance(host_kernels, shape):
+def test_host_batchnorm_kernels_within_allowance(host_kernels, shape, x_layout, dy_layout):
     """The BatchNorm kernels (channels striding past the grid cap, channels longer than a block)
-    are as accurate as NumPy float32 against float64, running statistics included."""
+    are as accurate as NumPy float32 against float64, running statistics included, with x and
+    dy stored NCHW, batch-innermost or NHWC; y, xhat and dx keep x's layout where the kernels
+    walk it (NCHW, batch-innermost)."""
     rng = np.random.default_rng(5)
     c = shape[1]
     x = _f32(rng, *shape) * np.float32(2) - np.float32(1)
     gamma, beta, dy = _f32(rng, c), _f32(rng, c), _f32(rng, *shape)
     rm, rv = _f32(rng, c), np.abs(_f32(rng, c))
     rm32, rv32, rm64, rv64 = rm.copy(), rv.copy(), rm.astype(np.float64), rv.astype(np.float64)
-    out = host_kernels.batchnorm_forward(x, gamma, beta, rm, rv, 1e-5, 0.1)
+    out = host_kernels.batchnorm_forward(stored(x, x_layout), gamma, beta, rm, rv, 1e-5, 0.1)
+    assert out[0].strides == out[1].strides == stored(x, expected_layout(x_layout)).strides
     ref32 = host_kernels.batchnorm_forward_ref(x, gamma, beta, rm32, rv32, 1e-5, 0.1)
     ref64 = host_kernels.batchnorm_forward_ref(*(a.astype(np.float64) for a in (x, gamma, beta)), rm64, rv64,
                                                1e-5, 0.1)
@@ -329,7 +342,8 @@ def test_host_batchnorm_kernels_within_allowance(host_kernels, shape):
                                  (*out, rm, rv), (*ref32, rm32, rv32), (*ref64, rm64, rv64)):
         assert k.shape == r64.shape
         assert_as_accurate(k, r32, r64, name)
-    grads = host_kernels.batchnorm_backward(dy, out[1], out[2], gamma)
+    grads = host_kernels.batchnorm_backward(stored(dy, dy_layout), out[1], out[2], gamma)
+    assert grads[0].strides == out[1].strides
     gref32 = host_kernels.batchnorm_backward_ref(dy, ref32[1], ref32[2], gamma)
     gref64 = host_kernels.batchnorm_backward_ref(dy.astype(np.float64), ref64[1], ref64[2], gamma.astype(np.float64))
     axes = (0,) + tuple(range(2, len(shape)))

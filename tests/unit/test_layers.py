@@ -168,6 +168,24 @@ def test_conv_and_pool_outputs_are_stored_batch_innermost():
         np.testing.assert_array_equal(dx, dx_inner)
 
 
+def test_gradients_come_back_stored_as_the_input_is():
+    """Given batch-innermost input (a Linear: conv's output flattened, F order), Linear, GlobalAvgPool
+    and a residual block hand dx back in that layout, with the values an NCHW input gets: the
+    layer below then needs no transposing copy."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((4, 3, 4, 4))
+    x_inner = np.ascontiguousarray(x.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
+    for layer, a, a_inner in ((Linear(48, 5), x.reshape(4, -1), x_inner.reshape(4, -1)),
+                              (GlobalAvgPool(), x, x_inner), (basic_block(3, 3, 1), x, x_inner)):
+        params = layer.init(rng, np, np.float64)
+        y, cache = layer.forward(params, a)
+        dy = rng.standard_normal(y.shape)
+        dx, _ = layer.backward(params, cache, dy)
+        dx_inner, _ = layer.backward(params, layer.forward(params, a_inner)[1], dy)
+        assert dx_inner.strides == a_inner.strides, layer
+        np.testing.assert_allclose(dx_inner, dx, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (2, 2, 0), (3, 2, 0), (1, 2, 0)])
 def test_col2im_is_adjoint_of_im2col(k, stride, pad):
     """<im2col(x), c> == <x, col2im(c)>, which is what makes col2im the right backward."""

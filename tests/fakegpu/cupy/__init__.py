@@ -2,8 +2,9 @@
 
 With tests/fakegpu first on PYTHONPATH, `import cupy` finds this package (tests/unit/test_fake_gpu.py
 runs hpdl.train so in subprocesses). Its arrays are NumPy memory behind a type of their own that,
-like CuPy's, refuses host arrays as operands and keeps reductions and indexed elements as 0-d
-arrays; `RawModule` builds kernels/*.cu for the host (tests/hostkernels.py); streams, events and
+like CuPy's, refuses host arrays as operands, keeps reductions and indexed elements as 0-d
+arrays and writes a new ufunc result in C order (NumPy would keep its inputs' layout);
+`RawModule` builds kernels/*.cu for the host (tests/hostkernels.py); streams, events and
 pinned memory do their work at once. It checks hpdl's GPU code paths for API and logic errors;
 speed, asynchrony and the GPU's rounding are out of its reach, and any NumPy function passes
 through, whether CuPy has it or not.
@@ -44,6 +45,8 @@ class ndarray(np.ndarray):
         _refuse_host(inputs + (out or ()))
         if out is not None:
             kwargs["out"] = tuple(_host(o) for o in out)
+        elif method == "__call__":
+            kwargs.setdefault("order", "C")   # CuPy allocates a ufunc's result C-ordered, whatever its inputs' layout
         result = getattr(ufunc, method)(*(_host(x) for x in inputs), **kwargs)
         return out[0] if out is not None and len(out) == 1 else _wrap(result)
 
