@@ -19,10 +19,11 @@ def torch_model(model: Model, params: list[dict]) -> nn.Sequential:
                 m.weight.copy_(torch.from_numpy(np.ascontiguousarray(p["W"].T)))
                 m.bias.copy_(torch.from_numpy(p["b"]))
         elif isinstance(layer, Conv2d):
-            m = nn.Conv2d(layer.c_in, layer.c_out, layer.k, layer.stride, layer.pad)
+            m = nn.Conv2d(layer.c_in, layer.c_out, layer.k, layer.stride, layer.pad, bias=layer.bias)
             with torch.no_grad():
                 m.weight.copy_(torch.from_numpy(p["W"]))
-                m.bias.copy_(torch.from_numpy(p["b"]))
+                if layer.bias:
+                    m.bias.copy_(torch.from_numpy(p["b"]))
         elif isinstance(layer, ReLU):
             m = nn.ReLU()
         elif isinstance(layer, MaxPool2d):

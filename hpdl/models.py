@@ -113,16 +113,17 @@ def cnn(channels: Sequence[int] = (32, 64), hidden: int = 128, dropout: float = 
 
 
 def basic_block(c_in: int, c_out: int, stride: int) -> Residual:
-    branch = [Conv2d(c_in, c_out, 3, stride=stride, pad=1), BatchNorm(c_out), ReLU(),
-              Conv2d(c_out, c_out, 3, pad=1), BatchNorm(c_out)]
+    # No conv bias before a BatchNorm: its mean subtraction would cancel it.
+    branch = [Conv2d(c_in, c_out, 3, stride=stride, pad=1, bias=False), BatchNorm(c_out), ReLU(),
+              Conv2d(c_out, c_out, 3, pad=1, bias=False), BatchNorm(c_out)]
     shortcut = None
     if stride != 1 or c_in != c_out:
-        shortcut = [Conv2d(c_in, c_out, 1, stride=stride), BatchNorm(c_out)]
+        shortcut = [Conv2d(c_in, c_out, 1, stride=stride, bias=False), BatchNorm(c_out)]
     return Residual(branch, shortcut)
 
 
 def resnet(channels: Sequence[int] = (16, 32, 64), blocks: int = 1) -> list[Layer]:
-    layers: list[Layer] = [Conv2d(IMAGE_SHAPE[0], channels[0], 3, pad=1), BatchNorm(channels[0]), ReLU()]
+    layers: list[Layer] = [Conv2d(IMAGE_SHAPE[0], channels[0], 3, pad=1, bias=False), BatchNorm(channels[0]), ReLU()]
     c_in = channels[0]
     for stage, c in enumerate(channels):
         for b in range(blocks):

@@ -161,9 +161,15 @@ class Conv2d(Layer):
     trainable = ("W", "b")
     no_decay = ("b",)
 
-    def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1, pad: int = 0, winograd: bool | None = None):
-        """`winograd`: force the Winograd F(2x2, 3x3) path on or off; None chooses (takes_winograd)."""
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1, pad: int = 0, winograd: bool | None = None,
+                 bias: bool = True):
+        """`winograd`: force the Winograd F(2x2, 3x3) path on or off; None chooses (takes_winograd).
+        `bias`: False before a BatchNorm, whose mean subtraction cancels any bias (its gradient is
+        zero): the layer then skips the bias add and its sum in every pass."""
         self.c_in, self.c_out, self.k, self.stride, self.pad = c_in, c_out, k, stride, pad
+        self.bias = bias
+        if not bias:
+            self.trainable, self.no_decay = ("W",), ()
         applies = k == 3 and stride == 1
         if winograd and not applies:
             raise ValueError(f"Winograd F(2x2, 3x3) needs a 3 x 3 kernel at stride 1, got {k} x {k} "
@@ -183,7 +189,10 @@ class Conv2d(Layer):
         # He initialization over the fan-in c_in * k * k, as for Linear.
         fan_in = self.c_in * self.k * self.k
         W = rng.standard_normal((self.c_out, self.c_in, self.k, self.k)) * np.sqrt(2.0 / fan_in)
-        return {"W": xp.asarray(W, dtype=dtype), "b": xp.zeros(self.c_out, dtype=dtype)}
+        params = {"W": xp.asarray(W, dtype=dtype)}
+        if self.bias:
+            params["b"] = xp.zeros(self.c_out, dtype=dtype)
+        return params
 
     def forward(self, params, x, mode: Mode = TRAIN):
         # x: (N, C_in, H, W)  W: (C_out, C_in, k, k)  b: (C_out,)  ->  y: (N, C_out, Ho, Wo), batch-innermost
@@ -195,7 +204,8 @@ class Conv2d(Layer):
         ho, wo = out_size(h, self.k, self.stride, self.pad), out_size(w, self.k, self.stride, self.pad)
         cols = im2col(x, self.k, self.stride, self.pad)               # (C_in*k*k, Ho*Wo*N)
         y = matmul(params["W"].reshape(self.c_out, -1), cols)          # (C_out, Ho*Wo*N)
-        y += params["b"][:, None]
+        if self.bias:
+            y += params["b"][:, None]
         return nchw(y.reshape(self.c_out, ho, wo, n)), (False, (cols, x.shape))
 
     def backward(self, params, cache, dy):
@@ -221,7 +231,10 @@ class Conv2d(Layer):
 
     def _grads(self, params, cols, dy2):
         # cols: (C_in*k*k, Ho*Wo*N)  dy2: (C_out, Ho*Wo*N)
-        return {"W": matmul(dy2, cols.T).reshape(params["W"].shape), "b": dy2.sum(axis=1)}
+        grads = {"W": matmul(dy2, cols.T).reshape(params["W"].shape)}
+        if self.bias:
+            grads["b"] = dy2.sum(axis=1)
+        return grads
 
     # -- Winograd F(2x2, 3x3): 2.25x fewer multiplications than im2col, in 16 products
     #    (C_out x C_in) @ (C_in x tiles), one per position of the 4 x 4 transformed tile.
@@ -261,10 +274,12 @@ class Conv2d(Layer):
                     Y[i] -= part
         Y = Y.reshape(2, 2, self.c_out, th, tw, n)
         y = xp.empty((self.c_out, 2 * th, 2 * tw, n), dtype=x.dtype)
-        bias = params["b"][:, None, None, None]
         for i in range(2):
             for j in range(2):
-                xp.add(Y[i, j], bias, out=y[:, i::2, j::2])
+                if self.bias:
+                    xp.add(Y[i, j], params["b"][:, None, None, None], out=y[:, i::2, j::2])
+                else:
+                    y[:, i::2, j::2] = Y[i, j]
         return nchw(y[:, :ho, :wo]), (V, U, x.shape)
 
     def _filter(self, W):
@@ -303,7 +318,9 @@ class Conv2d(Layer):
                     matmul(Ut[a, b], dM, out=dV[a, b])
         dU[3] *= -1
         gm = xp.asarray(G, dtype=dy.dtype)
-        grads = {"W": xp.einsum("ak,aboi,bl->oikl", gm, dU, gm, optimize=True), "b": g.sum(axis=(1, 2, 3))}
+        grads = {"W": xp.einsum("ak,aboi,bl->oikl", gm, dU, gm, optimize=True)}
+        if self.bias:
+            grads["b"] = g.sum(axis=(1, 2, 3))
         if not need_dx:
             return None, grads
         dV = dV.reshape(4, 4, self.c_in, th, tw, n)

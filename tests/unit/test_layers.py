@@ -27,6 +27,8 @@ CASES = {
     "conv-1x1-stride2": (Conv2d(3, 2, 1, stride=2), (2, 3, 5, 5), TRAIN),
     "conv-winograd-pad1": (Conv2d(3, 4, 3, pad=1, winograd=True), (2, 3, 4, 5), TRAIN),
     "conv-winograd-odd": (Conv2d(3, 2, 3, winograd=True), (3, 3, 6, 5), TRAIN),
+    "conv-no-bias": (Conv2d(3, 4, 3, stride=2, pad=1, bias=False), (2, 3, 6, 5), TRAIN),
+    "conv-winograd-no-bias": (Conv2d(3, 4, 3, pad=1, winograd=True, bias=False), (2, 3, 4, 5), TRAIN),
     "maxpool": (MaxPool2d(2), (2, 3, 4, 6), TRAIN),
     "maxpool-ragged": (MaxPool2d(2), (2, 2, 5, 5), TRAIN),
     "maxpool-overlapping": (MaxPool2d(3, stride=2), (2, 2, 7, 5), TRAIN),
@@ -186,6 +188,33 @@ def test_gradients_come_back_stored_as_the_input_is():
         np.testing.assert_allclose(dx_inner, dx, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("winograd", [False, True])
+def test_a_convolution_bias_before_batchnorm_cancels(winograd):
+    """BatchNorm's output and the gradient reaching x are the same whether or not the convolution
+    before it has a bias, and that bias's gradient is zero: why the resnet's convolutions have none."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4, 3, 6, 6))
+    with_b, without_b, norm = Conv2d(3, 5, 3, pad=1, winograd=winograd), Conv2d(3, 5, 3, pad=1, winograd=winograd,
+                                                                                   bias=False), BatchNorm(5)
+    p = with_b.init(rng, np, np.float64)
+    p["b"] = rng.standard_normal(5)
+    q = {"W": p["W"]}
+    assert set(without_b.init(rng, np, np.float64)) == set(without_b.trainable) == {"W"}
+    results = []
+    for layer, params in ((with_b, p), (without_b, q)):
+        pn = norm.init(rng, np, np.float64)
+        h, conv_cache = layer.forward(params, x)
+        y, norm_cache = norm.forward(pn, h)
+        dy = np.random.default_rng(13).standard_normal(y.shape)
+        dx, grads = layer.backward(params, conv_cache, norm.backward(pn, norm_cache, dy)[0])
+        results.append((y, dx, grads))
+    np.testing.assert_allclose(results[0][0], results[1][0], atol=1e-12)
+    np.testing.assert_allclose(results[0][1], results[1][1], atol=1e-12)
+    np.testing.assert_allclose(results[0][2]["W"], results[1][2]["W"], atol=1e-12)
+    np.testing.assert_allclose(results[0][2]["b"], 0.0, atol=1e-12)
+    assert set(results[1][2]) == {"W"}
+
+
 @pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (2, 2, 0), (3, 2, 0), (1, 2, 0)])
 def test_col2im_is_adjoint_of_im2col(k, stride, pad):
     """<im2col(x), c> == <x, col2im(c)>, which is what makes col2im the right backward."""
@@ -299,8 +328,8 @@ def test_residual_names_and_buffers():
     decayed, and BatchNorm inside the block updates them in the block's own dict."""
     block = basic_block(2, 3, 2)
     params = block.init(np.random.default_rng(0), np, np.float32)
-    assert set(block.trainable) == {"0.W", "0.b", "1.gamma", "1.beta", "3.W", "3.b", "4.gamma",
-                                    "4.beta", "s0.W", "s0.b", "s1.gamma", "s1.beta"}
+    assert set(block.trainable) == {"0.W", "1.gamma", "1.beta", "3.W", "4.gamma",   # no conv bias before a BatchNorm
+                                    "4.beta", "s0.W", "s1.gamma", "s1.beta"}
     assert set(params) == set(block.trainable) | {"1.running_mean", "1.running_var",
                                                   "4.running_mean", "4.running_var",
                                                   "s1.running_mean", "s1.running_var"}
