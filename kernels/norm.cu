@@ -131,6 +131,7 @@ extern "C" __global__ void column_sums_finish(const float* partial, float* out, 
 struct ChannelLayout {
     size_t c_stride, run, run_stride;
     __device__ size_t at(int c, size_t k) const {
+        if (run_stride == 0) return c * c_stride + k;   // one run per channel: no 64-bit division
         const size_t r = k / run;
         return c * c_stride + r * run_stride + (k - r * run);
     }
