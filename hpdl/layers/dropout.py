@@ -33,7 +33,8 @@ class Dropout(Layer):
         else:  # one block of a batch split over threads: its rows of the whole batch's mask
             first, total = mode.rows
             keep = rng.random((total, *x.shape[1:]), dtype=np.float32)[first:first + len(x)] >= self.p
-        mask = xp.asarray(keep, dtype=x.dtype) * (1.0 / (1.0 - self.p))
+        # Scaled on the host: one upload, and no launch on a GPU to scale it there.
+        mask = xp.asarray(np.multiply(keep, 1.0 / (1.0 - self.p), dtype=x.dtype))
         return x * mask, mask
 
     def backward(self, params, cache, dy):
