@@ -731,7 +731,7 @@ def _empty_as(x):
     """An uninitialized array with x's shape, dtype and strides, x dense in some axis order."""
     order = sorted(range(x.ndim), key=lambda i: -x.strides[i])   # memory order, outermost first
     base = array_module(x).empty(tuple(x.shape[i] for i in order), dtype=x.dtype)
-    return base.transpose(np.argsort(order))
+    return base.transpose(tuple(order.index(i) for i in range(x.ndim)))
 
 
 def batchnorm_forward(x, gamma, beta, running_mean, running_var, eps: float = 1e-5,
