@@ -102,7 +102,7 @@ def loss_and_grads(layers: Sequence[Layer], params: Sequence[Params], x, y, key:
         share = (stop - first) / n
         _, grads = backward(layers, params, caches, softmax_cross_entropy_backward(cache, weight * share),
                             on_layer if whole else None, need_dx=False)
-        return loss * share, grads
+        return (loss if whole else loss * share), grads   # whole: no launch to scale by 1
 
     (loss, grads), *rest = threads.map(block, n)
     if not rest:
