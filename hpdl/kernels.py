@@ -96,11 +96,9 @@ def bias_relu_forward(x, b, out=None):
 def relu_forward(x):
     """x (x > 0) (bias_relu_forward_ref without the bias), stored as x is: one launch on the GPU
     whenever x is dense in some axis order, where a CuPy ufunc would write a C-ordered result."""
-    if not _use_kernel(x):
+    if not _use_kernel(x) or not _dense_alike(x):
         return x * (x > 0)
-    y = array_module(x).empty_like(x)   # empty_like keeps a dense x's layout
-    if not _dense_alike(x, y):
-        return x * (x > 0)
+    y = _empty_as(x)
     load("bias_act").get_function("relu_forward")(
         _grid_flat(x.size), (ELEMENTWISE_BLOCK,), (x, y, np.uint64(x.size)))
     return y
@@ -114,11 +112,9 @@ def bias_relu_backward(y, dy, out=None):
     """
     if y.shape != dy.shape:
         raise ValueError(f"y {y.shape} and dy {dy.shape} differ")
-    if not _use_kernel(y, dy):
+    if not _use_kernel(y, dy) or not _dense_alike(y, dy, *_given(out)):
         return bias_relu_backward_ref(y, dy, out)
-    dx = array_module(dy).empty_like(dy) if out is None else out   # empty_like keeps a dense dy's layout
-    if not _dense_alike(y, dy, dx):
-        return bias_relu_backward_ref(y, dy, out)
+    dx = _empty_as(dy) if out is None else out
     load("bias_act").get_function("bias_relu_backward")(
         _grid_flat(dy.size), (ELEMENTWISE_BLOCK,), (y, dy, dx, np.uint64(dy.size)))
     return dx
@@ -137,6 +133,14 @@ def _dense_alike(*arrays) -> bool:
             return False
         expected *= size
     return True
+
+
+def _empty_as(x):
+    """An uninitialized array with x's shape, dtype and strides, x dense in some axis order
+    (_dense_alike)."""
+    order = sorted(range(x.ndim), key=lambda i: -x.strides[i])   # memory order, outermost first
+    base = array_module(x).empty(tuple(x.shape[i] for i in order), dtype=x.dtype)
+    return base.transpose(tuple(order.index(i) for i in range(x.ndim)))
 
 
 # ---- bias + GELU ---------------------------------------------------------------------------
@@ -725,13 +729,6 @@ def _channel_layout(x) -> tuple[int, int, int] | None:
     if (c == 1 or x.strides[1] == n * s * x.itemsize) and _dense_alike(x):
         return n * s, n * s, 0
     return None
-
-
-def _empty_as(x):
-    """An uninitialized array with x's shape, dtype and strides, x dense in some axis order."""
-    order = sorted(range(x.ndim), key=lambda i: -x.strides[i])   # memory order, outermost first
-    base = array_module(x).empty(tuple(x.shape[i] for i in order), dtype=x.dtype)
-    return base.transpose(tuple(order.index(i) for i in range(x.ndim)))
 
 
 def batchnorm_forward(x, gamma, beta, running_mean, running_var, eps: float = 1e-5,

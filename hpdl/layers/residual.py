@@ -21,7 +21,8 @@ def _sub(params: Params, tag: str) -> Params:
 def _add(a, b):
     """a + b stored as a is: a CuPy ufunc writes a new result C-ordered, which would turn conv's
     batch-innermost activations around and cost a copy at the next BatchNorm or conv."""
-    return array_module(a).add(a, b, out=array_module(a).empty_like(a))
+    xp = array_module(a)
+    return xp.add(a, b, out=xp.empty_like(a))
 
 
 def _chain_forward(parts: list[Part], params: Params, x, mode: Mode):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from accuracy import assert_as_accurate
+from layouts import stored
 from hpdl import kernels
 from hpdl.algorithms.dcasgd import DcAsgdAdaptiveServer, DcAsgdServer
 from hpdl.algorithms.easgd import EasgdServer, easgd_sync_center, easgd_sync_worker
@@ -279,7 +280,7 @@ def test_maxpool_kernels_equal_the_layers_array_path(host_kernels, k, shape):
     rng = np.random.default_rng(12)
     x = np.round(rng.standard_normal(shape), 0).astype(np.float32)   # rounded: many ties
     x[0, 0, 0, 0] = np.nan
-    x = np.ascontiguousarray(x.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)   # batch-innermost, as conv hands on
+    x = stored(x, "batch_inner")   # as conv hands it on
     layer = MaxPool2d(k)
     y, cache = layer.forward({}, x)
     dy = rng.standard_normal(y.shape).astype(np.float32)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from gradcheck import assert_gradient_close, check_layer, numerical_gradient
+from layouts import stored
 from hpdl import kernels
 from hpdl.layers import (EVAL, GELU, TRAIN, BatchNorm, Conv2d, Dropout, Flatten, GlobalAvgPool,
                          LayerNorm, Linear, MaxPool2d, Mode, ReLU, Residual, accuracy, col2im,
@@ -155,7 +156,7 @@ def test_conv_and_pool_outputs_are_stored_batch_innermost():
     the same results for an input stored NCHW as for the same values stored batch-innermost."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal((4, 8, 6, 6))
-    x_inner = np.ascontiguousarray(x.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
+    x_inner = stored(x, "batch_inner")
     for layer in (Conv2d(8, 3, 3, pad=1, winograd=True), Conv2d(8, 3, 3, pad=1), Conv2d(8, 3, 3, stride=2),
                   MaxPool2d(2), MaxPool2d(3, stride=2)):
         params = layer.init(rng, np, np.float64)
@@ -165,8 +166,7 @@ def test_conv_and_pool_outputs_are_stored_batch_innermost():
         np.testing.assert_array_equal(y, y_inner)
         dy = rng.standard_normal(y.shape)
         dx, _ = layer.backward(params, cache, dy)
-        dx_inner, _ = layer.backward(params, cache_inner, np.ascontiguousarray(dy.transpose(1, 2, 3, 0))
-                                     .transpose(3, 0, 1, 2))
+        dx_inner, _ = layer.backward(params, cache_inner, stored(dy, "batch_inner"))
         np.testing.assert_array_equal(dx, dx_inner)
 
 
@@ -176,7 +176,7 @@ def test_gradients_come_back_stored_as_the_input_is():
     layer below then needs no transposing copy."""
     rng = np.random.default_rng(9)
     x = rng.standard_normal((4, 3, 4, 4))
-    x_inner = np.ascontiguousarray(x.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
+    x_inner = stored(x, "batch_inner")
     for layer, a, a_inner in ((Linear(48, 5), x.reshape(4, -1), x_inner.reshape(4, -1)),
                               (GlobalAvgPool(), x, x_inner), (basic_block(3, 3, 1), x, x_inner)):
         params = layer.init(rng, np, np.float64)
