@@ -24,6 +24,7 @@ GELU_C = 0.044715
 ELEMENTWISE_BLOCK = 256   # threads per block for the element-wise kernels
 MAX_GRID = 65535          # grid.y limit; grid-stride loops cover anything beyond
 SOFTMAX_MAX_BLOCK = 512   # threads per row; wider rows loop, narrower ones get fewer warps
+NVRTC_OPTIONS = ("-std=c++17",)   # cupy.RawModule adds the architecture, -ftz=true and its own
 
 
 @functools.lru_cache(maxsize=None)
@@ -32,7 +33,7 @@ def load(name: str):
     import cupy
 
     code = (KERNEL_DIR / f"{name}.cu").read_text()
-    return cupy.RawModule(code=code, options=("-std=c++17",))
+    return cupy.RawModule(code=code, options=NVRTC_OPTIONS)
 
 
 def _use_kernel(*arrays) -> bool:

@@ -33,6 +33,14 @@ def fake_gpu_env() -> dict:
             "OPENBLAS_NUM_THREADS": "1"}
 
 
+def test_the_stand_in_has_only_the_names_cupy_has():
+    """`cupy.zeros` works on the stand-in and `cupy.fromregex` (NumPy has it, CuPy 14.2 does not)
+    does not exist, so a NumPy-only call in hpdl's GPU path fails here as it would on a GPU."""
+    proc = subprocess.run([sys.executable, "-c", "import cupy; cupy.zeros(2); print(hasattr(cupy, 'fromregex'))"],
+                          capture_output=True, text=True, timeout=60, env=fake_gpu_env())
+    assert proc.returncode == 0 and proc.stdout.split() == ["False"], proc.stderr[-3000:]
+
+
 def train(device: str, args: list[str], ranks: int = 1, launches: Path | None = None, env: dict | None = None) -> dict:
     """hpdl.train's RESULT record; tests/fakegpu stands in for CuPy on both devices."""
     env = {**fake_gpu_env(), "FAKEGPU_LAUNCHES": str(launches or ""), **(env or {})}

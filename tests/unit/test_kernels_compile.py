@@ -1,4 +1,5 @@
-"""kernels/*.cu compile to PTX (A100, H100), match hpdl.kernels' oracles built for the host, and the oracles are right."""
+"""kernels/*.cu compile to PTX (A100, H100) with nvcc and under NVRTC as CuPy compiles them, match hpdl.kernels'
+oracles built for the host, and the oracles are right."""
 from __future__ import annotations
 
 import inspect
@@ -11,6 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 
+import nvrtc
 from accuracy import assert_as_accurate
 from layouts import expected_layout, stored
 from hpdl import kernels
@@ -28,6 +30,7 @@ def _find_nvcc() -> str | None:
 
 NVCC = _find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH nor at /usr/local/cuda/bin")
+NVRTC = nvrtc.find_library()
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +40,8 @@ def ptx(tmp_path_factory) -> dict[tuple[str, str], str]:
     procs = {}
     for arch in ARCHS:
         (out / arch).mkdir()
-        # -std=c++17 as in kernels.load, so nvcc sees the dialect NVRTC will.
-        procs[arch] = subprocess.Popen([NVCC, "-std=c++17", "-ptx", f"-arch={arch}", *map(str, CU_FILES),
+        # hpdl's NVRTC options, so nvcc sees the dialect NVRTC will.
+        procs[arch] = subprocess.Popen([NVCC, *kernels.NVRTC_OPTIONS, "-ptx", f"-arch={arch}", *map(str, CU_FILES),
                                         "--output-directory", str(out / arch)],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for arch, proc in procs.items():
@@ -59,6 +62,20 @@ def test_kernel_dir_has_sources():
 def test_compiles_to_ptx(cu, arch, ptx):
     """Every kernels/*.cu compiles with nvcc to PTX for the given architecture."""
     assert ".entry" in ptx[(cu.stem, arch)]
+
+
+@pytest.mark.skipif(NVRTC is None, reason="no libnvrtc: the nvidia-cuda-nvrtc wheel of the test extra is missing")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compiles_under_nvrtc_as_cupy_builds_it(arch):
+    """Every kernels/*.cu compiles to CUBIN under NVRTC with the options a cupy.RawModule passes
+    (hpdl's, CuPy's own, -arch), without a warning: nvcc pre-includes the CUDA runtime headers
+    and NVRTC does not, so a source nvcc takes may still fail on the GPU machine."""
+    compiler = nvrtc.Nvrtc(NVRTC)
+    for cu in CU_FILES:
+        ok, log, cubin = compiler.compile(cu.read_text(), cu.name, (*kernels.NVRTC_OPTIONS, *nvrtc.CUPY_OPTIONS,
+                                                                   f"-arch={arch}"))
+        assert ok and cubin > 0, f"{cu.name} for {arch}:\n{log}"
+        assert "warning" not in log.lower(), f"{cu.name} for {arch}:\n{log}"
 
 
 @needs_nvcc

@@ -6,8 +6,8 @@ like CuPy's, refuses host arrays as operands, keeps reductions and indexed eleme
 arrays and writes a new ufunc result in C order (NumPy would keep its inputs' layout);
 `RawModule` builds kernels/*.cu for the host (tests/hostkernels.py); streams, events and
 pinned memory do their work at once. It checks hpdl's GPU code paths for API and logic errors;
-speed, asynchrony and the GPU's rounding are out of its reach, and any NumPy function passes
-through, whether CuPy has it or not.
+speed, asynchrony and the GPU's rounding are out of its reach. A NumPy function passes through
+only under a name CuPy has (names.txt); its keywords and the array methods are NumPy's, unchecked.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from . import cuda  # noqa: F401  (cupy.cuda)
 from ._core import _routines_linalg  # noqa: F401  (cupy._core._routines_linalg)
 
 launches: Counter = Counter()   # kernel launches by name, across every RawModule
+_CUPY_NAMES = frozenset(line for line in (Path(__file__).parent / "names.txt").read_text().splitlines()
+                        if line and not line.startswith("#"))
 _BUILD = Path(tempfile.mkdtemp(prefix="fakegpu-"))
 
 
@@ -150,6 +152,8 @@ random = SimpleNamespace(seed=np.random.seed, standard_normal=lambda size=None, 
 
 
 def __getattr__(name: str):
-    """Everything else: NumPy's dtypes and constants as they are, its functions on device arrays."""
+    """Everything else CuPy has: NumPy's dtypes and constants as they are, its functions on device arrays."""
+    if name not in _CUPY_NAMES:
+        raise AttributeError(f"module 'cupy' has no attribute {name!r} (not in tests/fakegpu/cupy/names.txt)")
     value = getattr(np, name)
     return _device(value) if callable(value) and not isinstance(value, type) else value
