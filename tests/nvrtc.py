@@ -1,4 +1,4 @@
-"""NVRTC, the compiler behind cupy.RawModule, called through ctypes: a GPU-free check that kernels/*.cu build as CuPy builds them."""
+"""NVRTC (the compiler behind cupy.RawModule) through ctypes: kernels/*.cu built as CuPy builds them, no GPU needed."""
 from __future__ import annotations
 
 import ctypes
