@@ -5,7 +5,9 @@ hpdl.kernels' launchers (argument conversion, grid and block sizes) call them th
 stand-in loader. Blocks run one after another, so __shared__ memory is a static array.
 Element-wise kernels run their threads one after another too; kernels that cooperate
 within a block (__syncthreads, warp shuffles) run each block's threads as OS threads
-meeting at pthread barriers, one barrier per block and one per warp.
+meeting at pthread barriers, one barrier per block and one per warp. Every launch's
+arguments are checked against the kernel's C parameters (count, scalar types, array dtypes):
+a GPU would misread what the host's calling convention lets through.
 
 `patch` makes hpdl.kernels take the kernel path for NumPy float32 arrays (host addresses
 in pointer tables, a 3-block grid cap so every grid-stride loop wraps) and counts the
@@ -17,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import itertools
+import re
 import shutil
 import subprocess
 import threading
@@ -64,10 +67,39 @@ static inline float __shfl_xor_sync(unsigned, float v, int offset) {
 }
 """
 HOST_FILES = ("bias_act", "optim_update", "im2col", "norm", "sum_squares", "softmax_xent", "finite", "maxpool")
-COOPERATIVE = ("norm", "sum_squares", "softmax_xent")
 CXX = shutil.which("g++")
 _CTYPES = {np.float32: ctypes.c_float, np.int32: ctypes.c_int, np.int64: ctypes.c_longlong,
            np.uint64: ctypes.c_size_t}
+# The NumPy scalar each C parameter type takes, and the dtype each pointer's array must have (a
+# table of structs: any). A GPU packs the arguments in order at their own sizes, where the host's
+# calling convention would forgive a wrong width or an int and a float in swapped places.
+_SCALARS = {"int": np.int32, "long long": np.int64, "size_t": np.uint64, "unsigned long long": np.uint64,
+            "float": np.float32}
+_POINTEES = {"float": np.float32, "int": np.int32, "long long": np.int64, "unsigned char": np.uint8}
+_ENTRY = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)')
+
+
+def signatures(code: str) -> dict[str, list[tuple[str, bool]]]:
+    """Each extern "C" kernel's parameters as (C type, is a pointer), in order."""
+    def parse(param: str) -> tuple[str, bool]:
+        words = [w for w in param.replace("*", " * ").split() if w not in ("const", "__restrict__")]
+        return " ".join(w for w in words[:-1] if w != "*"), "*" in words
+    return {m.group(1): [parse(p) for p in m.group(2).split(",")] for m in _ENTRY.finditer(code)}
+
+
+def check_arguments(name: str, params: list[tuple[str, bool]], args) -> None:
+    """Raise TypeError unless `args` are what kernel `name`'s parameters take, one by one."""
+    if len(args) != len(params):
+        raise TypeError(f"{name} takes {len(params)} arguments, launched with {len(args)}")
+    for k, ((ctype, pointer), a) in enumerate(zip(params, args)):
+        if pointer:
+            want = _POINTEES.get(ctype)
+            ok = isinstance(a, np.ndarray) and (want is None or a.dtype == want)
+        else:
+            ok = type(a) is _SCALARS[ctype]
+        if not ok:
+            got = f"an array of {a.dtype}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise TypeError(f"{name}: argument {k} is {ctype}{' *' if pointer else ''}, launched with {got}")
 
 
 class _Dim(ctypes.Structure):
@@ -77,18 +109,21 @@ class _Dim(ctypes.Structure):
 class HostModule:
     """A cupy.RawModule stand-in whose kernels run on the CPU; `launches` counts them by name."""
 
-    def __init__(self, lib: ctypes.CDLL, cooperative: bool, launches: Counter):
-        self.lib, self.cooperative, self.launches = lib, cooperative, launches
+    def __init__(self, lib: ctypes.CDLL, code: str, launches: Counter):
+        self.lib, self.launches = lib, launches
+        self.cooperative = "__syncthreads" in code or "__shfl" in code
+        self.signatures = signatures(code)
         self.dims = {name: _Dim.in_dll(lib, name) for name in ("blockIdx", "blockDim", "gridDim")}
 
     def get_function(self, name: str):
-        fn = getattr(self.lib, name)
+        fn, params = getattr(self.lib, name), self.signatures[name]
 
         def thread(tx: int, cargs) -> None:
             self.lib.emu_thread(tx)
             fn(*cargs)
 
         def launch(grid, block, args):
+            check_arguments(name, params, args)
             self.launches[name] += 1
             cargs = [ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else _CTYPES[type(a)](a)
                      for a in args]
@@ -135,14 +170,13 @@ def module_from_source(code: str, out: Path, launches: Counter) -> HostModule:
     _, stderr = _compile(out / f"{name}.cu", out / f"{name}.so", out / "shim.h").communicate()
     if stderr and not (out / f"{name}.so").exists():
         raise RuntimeError(f"g++ failed on a RawModule source:\n{stderr}")
-    cooperative = "__syncthreads" in code or "__shfl" in code
-    return HostModule(ctypes.CDLL(str(out / f"{name}.so")), cooperative, launches)
+    return HostModule(ctypes.CDLL(str(out / f"{name}.so")), code, launches)
 
 
 def patch(libraries: dict[str, Path]) -> tuple[pytest.MonkeyPatch, Counter]:
     """Route hpdl.kernels to the host builds; returns the patch (undo it after) and the launch counter."""
     launches: Counter = Counter()
-    modules = {name: HostModule(ctypes.CDLL(str(path)), name in COOPERATIVE, launches)
+    modules = {name: HostModule(ctypes.CDLL(str(path)), (kernels.KERNEL_DIR / f"{name}.cu").read_text(), launches)
                for name, path in libraries.items()}
     monkey = pytest.MonkeyPatch()
     monkey.setattr(kernels, "load", modules.__getitem__)

@@ -313,6 +313,22 @@ def test_host_bias_relu_kernels_are_bit_identical(host_kernels):
         np.testing.assert_array_equal(r4, x4 * (x4 > 0))
 
 
+def test_host_launches_refuse_arguments_a_gpu_would_misread(host_kernels):
+    """A launch whose arguments do not match the kernel's C parameters, as CuPy would pack them
+    (a Python int or an int32 for a size_t, a float64 array for a float *, one argument short),
+    raises TypeError naming the argument; the matching launch runs."""
+    relu = host_kernels.load("bias_act").get_function("relu_forward")
+    x, y = np.arange(-2, 3, dtype=np.float32), np.empty(5, np.float32)
+    for bad, match in (((x, y, 5), "argument 2 is size_t, launched with int"),
+                       ((x, y, np.int32(5)), "argument 2 is size_t, launched with int32"),
+                       ((x.astype(np.float64), y, np.uint64(5)), "argument 0 is float [*], launched with an array of float64"),
+                       ((x, y), "takes 3 arguments, launched with 2")):
+        with pytest.raises(TypeError, match=match):
+            relu((1,), (32,), bad)
+    relu((1,), (32,), (x, y, np.uint64(5)))
+    np.testing.assert_array_equal(y, [0, 0, 0, 1, 2])
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (5, 10), (2, 7, 33), (4, 1100)])
 def test_host_layernorm_kernels_within_allowance(host_kernels, shape):
     """The LayerNorm kernels (block sums, rows striding past the grid cap, rows wider than a
