@@ -321,7 +321,8 @@ def test_host_launches_refuse_arguments_a_gpu_would_misread(host_kernels):
     x, y = np.arange(-2, 3, dtype=np.float32), np.empty(5, np.float32)
     for bad, match in (((x, y, 5), "argument 2 is size_t, launched with int"),
                        ((x, y, np.int32(5)), "argument 2 is size_t, launched with int32"),
-                       ((x.astype(np.float64), y, np.uint64(5)), "argument 0 is float [*], launched with an array of float64"),
+                       ((x.astype(np.float64), y, np.uint64(5)),
+                        r"argument 0 is float \*, launched with an array of float64"),
                        ((x, y), "takes 3 arguments, launched with 2")):
         with pytest.raises(TypeError, match=match):
             relu((1,), (32,), bad)
