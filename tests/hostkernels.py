@@ -6,8 +6,9 @@ stand-in loader. Blocks run one after another, so __shared__ memory is a static 
 Element-wise kernels run their threads one after another too; kernels that cooperate
 within a block (__syncthreads, warp shuffles) run each block's threads as OS threads
 meeting at pthread barriers, one barrier per block and one per warp. Every launch's
-arguments are checked against the kernel's C parameters (count, scalar types, array dtypes):
-a GPU would misread what the host's calling convention lets through.
+arguments are checked against the kernel's C parameters (count, scalar types, array dtypes),
+as a GPU would misread what the host's calling convention lets through, and its grid and
+block against CUDA's limits (an empty grid is an error there, not a launch of nothing).
 
 `patch` makes hpdl.kernels take the kernel path for NumPy float32 arrays (host addresses
 in pointer tables, a 3-block grid cap so every grid-stride loop wraps) and counts the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import itertools
+import math
 import re
 import shutil
 import subprocess
@@ -87,6 +89,16 @@ def signatures(code: str) -> dict[str, list[tuple[str, bool]]]:
     return {m.group(1): [parse(p) for p in m.group(2).split(",")] for m in _ENTRY.finditer(code)}
 
 
+def check_launch(name: str, grid, block) -> None:
+    """Raise ValueError unless grid and block are a launch CUDA accepts: whole numbers from 1 up to
+    the grid's (2^31 - 1, 65535, 65535) and at most 1024 threads a block (the host runs an empty grid)."""
+    for what, dims, limits in (("grid", tuple(grid), (2**31 - 1, 65535, 65535)), ("block", tuple(block), (1024,) * 3)):
+        if not 1 <= len(dims) <= 3 or not all(isinstance(d, int) and 1 <= d <= lim for d, lim in zip(dims, limits)):
+            raise ValueError(f"{name}: {what} {dims} is not a valid CUDA launch")
+    if math.prod(block) > 1024:
+        raise ValueError(f"{name}: block {tuple(block)} has more than 1024 threads")
+
+
 def check_arguments(name: str, params: list[tuple[str, bool]], args) -> None:
     """Raise TypeError unless `args` are what kernel `name`'s parameters take, one by one."""
     if len(args) != len(params):
@@ -123,6 +135,7 @@ class HostModule:
             fn(*cargs)
 
         def launch(grid, block, args):
+            check_launch(name, grid, block)
             check_arguments(name, params, args)
             self.launches[name] += 1
             cargs = [ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else _CTYPES[type(a)](a)

@@ -313,10 +313,11 @@ def test_host_bias_relu_kernels_are_bit_identical(host_kernels):
         np.testing.assert_array_equal(r4, x4 * (x4 > 0))
 
 
-def test_host_launches_refuse_arguments_a_gpu_would_misread(host_kernels):
+def test_host_launches_refuse_what_a_gpu_would_misread_or_refuse(host_kernels):
     """A launch whose arguments do not match the kernel's C parameters, as CuPy would pack them
     (a Python int or an int32 for a size_t, a float64 array for a float *, one argument short),
-    raises TypeError naming the argument; the matching launch runs."""
+    raises TypeError naming the argument; an empty grid or a block over 1024 threads, which CUDA
+    refuses, raises ValueError; the matching launch runs."""
     relu = host_kernels.load("bias_act").get_function("relu_forward")
     x, y = np.arange(-2, 3, dtype=np.float32), np.empty(5, np.float32)
     for bad, match in (((x, y, 5), "argument 2 is size_t, launched with int"),
@@ -326,6 +327,9 @@ def test_host_launches_refuse_arguments_a_gpu_would_misread(host_kernels):
                        ((x, y), "takes 3 arguments, launched with 2")):
         with pytest.raises(TypeError, match=match):
             relu((1,), (32,), bad)
+    for grid, block in (((0,), (32,)), ((1,), (2048,)), ((1,), (64, 32))):
+        with pytest.raises(ValueError, match="relu_forward"):
+            relu(grid, block, (x, y, np.uint64(5)))
     relu((1,), (32,), (x, y, np.uint64(5)))
     np.testing.assert_array_equal(y, [0, 0, 0, 1, 2])
 
