@@ -252,6 +252,8 @@ def kernel_cases(cp) -> list[tuple[str, str, Callable[[], object], Callable[[], 
         x, b, dy = randn(rows, n), randn(n), randn(rows, n)
         cases.append(("bias_relu_forward", f"{rows}x{n}", lambda x=x, b=b: k.bias_relu_forward(x, b),
                       lambda x=x, b=b: k.bias_relu_forward_ref(x, b)))
+        cases.append(("bias_gelu_forward", f"{rows}x{n}", lambda x=x, b=b: k.bias_gelu_forward(x, b),
+                      lambda x=x, b=b: k.bias_gelu_forward_ref(x, b)))
         cases.append(("bias_gelu_backward", f"{rows}x{n}", lambda u=x, d=dy: k.bias_gelu_backward(u, d),
                       lambda u=x, d=dy: k.bias_gelu_backward_ref(u, d)))
     for shape in ((128, 32, 28, 28), (512, 64, 14, 14)):

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpdl.layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
+from hpdl.layers import GELU, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from hpdl.models import Model
 
 
@@ -26,6 +26,8 @@ def torch_model(model: Model, params: list[dict]) -> nn.Sequential:
                     m.bias.copy_(torch.from_numpy(p["b"]))
         elif isinstance(layer, ReLU):
             m = nn.ReLU()
+        elif isinstance(layer, GELU):
+            m = nn.GELU(approximate="tanh")
         elif isinstance(layer, MaxPool2d):
             m = nn.MaxPool2d(layer.k, layer.stride)
         elif isinstance(layer, Flatten):

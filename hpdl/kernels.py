@@ -146,12 +146,17 @@ def _empty_as(x):
 
 # ---- bias + GELU ---------------------------------------------------------------------------
 
+def gelu_ref(u, out=None):
+    """GELU(u) = u Phi(u), with Phi(u) ~ (1 + tanh(k (u + c u^3))) / 2; written to `out` if given."""
+    xp = array_module(u)
+    t = xp.tanh(GELU_K * (u + GELU_C * u * u * u))
+    return xp.multiply(0.5 * u, 1 + t, out=out)
+
+
 def bias_gelu_forward_ref(x, b, out=None):
     """u = x + b, y = GELU(u).  x: (B, N)  b: (N,)  ->  (y, u), both (B, N); u is the cache."""
-    xp = array_module(x)
     u = x + b
-    t = xp.tanh(GELU_K * (u + GELU_C * u * u * u))
-    return xp.multiply(0.5 * u, 1 + t, out=out), u
+    return gelu_ref(u, out), u
 
 
 def bias_gelu_backward_ref(u, dy, out=None):
@@ -177,14 +182,13 @@ def bias_gelu_forward(x, b, out=None):
 
 
 def bias_gelu_backward(u, dy, out=None):
-    """dx = dy * GELU'(u); out=dy computes it in place."""
+    """dx = dy * GELU'(u); out=dy computes it in place. On the GPU one launch whenever u, dy (and
+    out) share one dense layout, as bias_relu_backward."""
     if u.shape != dy.shape:
         raise ValueError(f"u {u.shape} and dy {dy.shape} differ")
-    if not _use_kernel(u, dy):
+    if not _use_kernel(u, dy) or not _dense_alike(u, dy, *_given(out)):
         return bias_gelu_backward_ref(u, dy, out)
-    cp = array_module(u)
-    u, dy = cp.ascontiguousarray(u), cp.ascontiguousarray(dy)
-    dx = _out(out, dy)
+    dx = _empty_as(dy) if out is None else out
     load("bias_act").get_function("bias_gelu_backward")(
         _grid_flat(dy.size), (ELEMENTWISE_BLOCK,), (u, dy, dx, np.uint64(dy.size)))
     return dx

@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .layers import (BatchNorm, Conv2d, Flatten, GlobalAvgPool, Layer, Linear, MaxPool2d,
+from .layers import (GELU, BatchNorm, Conv2d, Flatten, GlobalAvgPool, Layer, Linear, MaxPool2d,
                      Mode, ReLU, Residual, Dropout, TRAIN)
 from .layers.base import Params
 
@@ -44,19 +44,24 @@ class Model:
                    for name in layer.trainable)
 
 
+# The activations a Linear runs fused with, and how.
+FUSED = {ReLU: Linear.forward_relu, GELU: Linear.forward_gelu}
+
+
 def forward(layers: Sequence[Layer], params: Sequence[Params], x, mode: Mode = TRAIN, first: int = 0):
     """Run layers in order: x -> (y, caches), one cache per layer.
 
     `first` is the model index of layers[0]: a layer's random key holds its index in the
     whole model, so a pipeline stage draws the same dropout masks as one process. A Linear
-    followed by a ReLU runs as one step (Linear.forward_relu: the bias add and the ReLU in
-    one pass), with the same output and the same two caches.
+    followed by a ReLU or a GELU runs as one step (Linear.forward_relu, forward_gelu: the bias
+    add and the activation in one pass), with the same output and the same two caches.
     """
     caches: list = []
     i = 0
     while i < len(layers):
-        if type(layers[i]) is Linear and i + 1 < len(layers) and type(layers[i + 1]) is ReLU:
-            x, pair = layers[i].forward_relu(params[i], x)
+        fused = FUSED.get(type(layers[i + 1])) if type(layers[i]) is Linear and i + 1 < len(layers) else None
+        if fused is not None:
+            x, pair = fused(layers[i], params[i], x)
             caches += pair
             i += 2
             continue
@@ -87,11 +92,17 @@ def backward(layers: Sequence[Layer], params: Sequence[Params], caches: list, dy
     return (dy if need_dx else None), grads
 
 
-def mlp(hidden: Sequence[int] = (1024, 1024), dropout: float = 0.0) -> list[Layer]:
+ACTIVATIONS = {"relu": ReLU, "gelu": GELU}
+
+
+def mlp(hidden: Sequence[int] = (1024, 1024), dropout: float = 0.0, activation: str = "relu") -> list[Layer]:
+    """`activation`: after each hidden Linear, relu or gelu."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
     layers: list[Layer] = [Flatten()]
     n_in = int(np.prod(IMAGE_SHAPE))
     for n in hidden:
-        layers += [Linear(n_in, n), ReLU()]
+        layers += [Linear(n_in, n), ACTIVATIONS[activation]()]
         if dropout:
             layers.append(Dropout(dropout))
         n_in = n

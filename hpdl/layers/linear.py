@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import bias_relu_forward
+from ..kernels import bias_gelu_forward, bias_relu_forward
 from ..precision import matmul
 from .base import TRAIN, Layer, Mode
 
@@ -31,6 +31,13 @@ class Linear(Layer):
         the GPU): (y, (this layer's cache, the ReLU's)), the values both forwards would give."""
         y = matmul(x, params["W"])
         return bias_relu_forward(y, params["b"], out=y), (x, y)
+
+    def forward_gelu(self, params, x):
+        """forward, then a GELU, in one pass after the product (one kernel launch on the GPU):
+        (y, (this layer's cache, the GELU's: the biased product u))."""
+        z = matmul(x, params["W"])
+        y, u = bias_gelu_forward(z, params["b"], out=z)
+        return y, (x, u)
 
     def backward(self, params, cache, dy):
         # dy: (B, n_out) -> dx: (B, n_in) stored as x is, dW: (n_in, n_out), db: (n_out,)

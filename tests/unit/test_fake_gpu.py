@@ -21,7 +21,7 @@ FAKEGPU = ROOT / "tests" / "fakegpu"
 # every grid-stride loop wraps.
 BOOT = "import sys, hpdl.kernels as k; k.MAX_GRID = 3; from hpdl.train import main; sys.exit(main(sys.argv[1:]))"
 MODELS = {"mlp": "{hidden: [16]}", "cnn": "{channels: [2, 3], hidden: 8, dropout: 0.5}",
-          "resnet": "{channels: [2, 2, 2]}"}
+          "resnet": "{channels: [2, 2, 2]}", "mlp-gelu": "{hidden: [16], activation: gelu}"}
 # Both paths are float32 and add in different orders (kernel reductions, cuBLAS vs BLAS being
 # the same NumPy here): a few steps leave them this close; a wrong update or layer would not.
 RTOL = 1e-4
@@ -55,12 +55,13 @@ def train(device: str, args: list[str], ranks: int = 1, launches: Path | None = 
 
 def options(tiny_h5, tmp_path, model: str) -> list[str]:
     config = tmp_path / f"{model}.yaml"
-    config.write_text(f"model: {model}\nmodel_options: {MODELS[model]}\n")
+    config.write_text(f"model: {model.split('-')[0]}\nmodel_options: {MODELS[model]}\n")
     return ["--data", str(tiny_h5), "--config", str(config), "--batch-size", "8", "--max-steps", "3"]
 
 
 @pytest.mark.parametrize("model, kernels", [
     ("mlp", {"softmax_xent", "sgd_update", "any_nonfinite", "bias_relu_forward", "bias_relu_backward"}),
+    ("mlp-gelu", {"softmax_xent", "sgd_update", "any_nonfinite", "bias_gelu_forward", "bias_gelu_backward"}),
     ("cnn", {"softmax_xent", "sgd_update", "any_nonfinite", "im2col", "col2im", "bias_relu_forward", "relu_forward",
              "bias_relu_backward", "maxpool_forward", "maxpool_backward"}),
     ("resnet", {"softmax_xent", "sgd_update", "any_nonfinite", "im2col", "col2im", "batchnorm_forward", "relu_forward",

@@ -19,7 +19,7 @@ from layouts import stored
 from hpdl import kernels
 from hpdl.algorithms.dcasgd import DcAsgdAdaptiveServer, DcAsgdServer
 from hpdl.algorithms.easgd import EasgdServer, easgd_sync_center, easgd_sync_worker
-from hpdl.layers import BatchNorm, Conv2d, Flatten, LayerNorm, Linear, MaxPool2d, ReLU
+from hpdl.layers import GELU, BatchNorm, Conv2d, Flatten, LayerNorm, Linear, MaxPool2d, ReLU
 from hpdl.layers import conv
 from hpdl.layers.base import TRAIN
 from hpdl.models import backward, forward
@@ -270,6 +270,30 @@ def test_relus_run_on_the_bias_relu_kernels(host_kernels):
     for g, g_ref in zip(grads, grads_ref):
         for k in g:
             np.testing.assert_array_equal(g[k], g_ref[k])
+
+
+def test_gelus_run_on_the_bias_gelu_kernels(host_kernels):
+    """A Linear+GELU pair's forward is one bias_gelu_forward launch, and each GELU's backward one
+    bias_gelu_backward launch, after a convolution (batch-innermost activations, no copy) as after a
+    Linear; outputs and gradients are as accurate as the NumPy path's in float32 (tanhf, not NumPy's tanh)."""
+    rng = np.random.default_rng(12)
+    layers = [Conv2d(1, 3, 3, pad=1, winograd=False), GELU(), MaxPool2d(2), Flatten(), Linear(3 * 3 * 3, 8), GELU(),
+              Linear(8, 4)]
+    params = [layer.init(rng, np, np.float32) for layer in layers]
+    x, dy = rng.standard_normal((5, 1, 6, 6)).astype(np.float32), rng.standard_normal((5, 4)).astype(np.float32)
+
+    def run(dtype):
+        ps = [{k: v.astype(dtype) for k, v in p.items()} for p in params]
+        y, caches = forward(layers, ps, x.astype(dtype))
+        dx, grads = backward(layers, ps, caches, dy.astype(dtype))
+        return [y, dx] + [g[k] for g in grads for k in sorted(g)]
+
+    mine = run(np.float32)
+    with numpy_path():
+        ref32, ref64 = run(np.float32), run(np.float64)
+    assert host_kernels.launches["bias_gelu_forward"] == 1 and host_kernels.launches["bias_gelu_backward"] == 2
+    for i, (a, a32, a64) in enumerate(zip(mine, ref32, ref64)):
+        assert_as_accurate(a, a32, a64, f"output {i}")
 
 
 @pytest.mark.parametrize("k, shape", [(2, (3, 2, 4, 6)), (2, (2, 3, 5, 7)), (3, (2, 2, 7, 6))])

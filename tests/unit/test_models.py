@@ -59,12 +59,12 @@ def test_backward_without_dx_gives_the_same_gradients(name):
             np.testing.assert_array_equal(g[k], h[k])
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_linear_relu_pairs_run_fused_with_the_layers_own_results(name):
-    """forward runs each Linear+ReLU pair as one (Linear.forward_relu) and gives, bit for bit, the
-    output and the per-layer caches of the layers' forwards one by one, including a cut between
-    the pair (a stage ending in a Linear)."""
-    model = build_model(name, dropout=0.0) if name == "cnn" else build_model(name)
+@pytest.mark.parametrize("name, options", [("mlp", {}), ("mlp", {"activation": "gelu"}), ("cnn", {"dropout": 0.0})])
+def test_linear_activation_pairs_run_fused_with_the_layers_own_results(name, options):
+    """forward runs each Linear+ReLU and Linear+GELU pair as one (Linear.forward_relu, forward_gelu)
+    and gives, bit for bit, the output and the per-layer caches of the layers' forwards one by one,
+    including a cut between the pair (a stage ending in a Linear)."""
+    model = build_model(name, **options)
     params = model.init(0)
     x = np.random.default_rng(2).standard_normal((3, 1, 28, 28)).astype(np.float32)
     y, caches = forward(model.layers, params, x)
@@ -99,3 +99,5 @@ def test_unknown_model_and_bad_options_are_clear_errors():
         build_model("vgg")
     with pytest.raises(ValueError, match="bad options for model 'mlp'"):
         build_model("mlp", width=3)
+    with pytest.raises(ValueError, match="activation 'tanh': choose one of relu, gelu"):
+        build_model("mlp", activation="tanh")
