@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import signal
 import sys
 import time
 from typing import Callable
@@ -291,8 +292,8 @@ def per_call_us(cp, fn: Callable[[], object], calls: int) -> Callable[[], float]
     return run
 
 
-def bench_kernels(cp, calls: int, repeats: int) -> tuple[list[list], dict]:
-    rows, data = [], {}
+def bench_kernels(cp, calls: int, repeats: int, rows: list[list], data: dict) -> None:
+    """Time each kernel case into `rows` (the report's) and `data` (raw), one case at a time."""
     for name, shape, fused, plain in kernel_cases(cp):
         fused(), plain()   # compile the kernel (NVRTC) and warm CuPy's own kernel cache
         res = alternate({"fused": per_call_us(cp, fused, calls), "cupy": per_call_us(cp, plain, calls)}, repeats)
@@ -300,7 +301,10 @@ def bench_kernels(cp, calls: int, repeats: int) -> tuple[list[list], dict]:
         rows.append([name, shape, f"{f:.1f}", f"{c:.1f}", f"{c / f:.2f}"])
         data[f"{name} {shape}"] = res
         print(f"{name} {shape}: fused {f:.1f} us, cupy {c:.1f} us, speed-up {c / f:.2f}", flush=True)
-    return rows, data
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt   # `timeout` and Slurm end a run with SIGTERM: stop as on Ctrl-C
 
 
 def main() -> int:
@@ -338,13 +342,16 @@ def main() -> int:
         torch.backends.cudnn.allow_tf32 = False
     print(f"device {device}, float32 peak {peak or 'unknown'} TFLOP/s, torch CUDA {torch_ok}", flush=True)
 
+    # Stopped early (SIGTERM, Ctrl-C), the report still holds every row measured until then.
+    signal.signal(signal.SIGTERM, _interrupt)
+    stopped = False
     sections, data = [], {"device": device, "fp32_peak_tflops": peak}
     if not args.skip_training:
-        ceiling = gemm_tflops(cp)
-        rows, throughput, host_shares = [], {}, {}
-        for model in models:
-            flops = train_flops(model)
-            for batch in batch_sizes:
+        ceiling, rows, throughput, host_shares = None, [], {}, {}
+        try:
+            ceiling = gemm_tflops(cp)
+            for model, batch in itertools.product(models, batch_sizes):
+                flops = train_flops(model)
                 batches = synthetic_batches(model, batch)
                 share: list[float] = []
                 runs = {"hpdl": hpdl_runner(model, batches, args.steps, share)}
@@ -364,10 +371,13 @@ def main() -> int:
                 throughput[f"{model.name} b{batch}"] = res
                 host_shares[f"{model.name} b{batch}"] = share[1:]
                 print(f"{model.name} batch {batch}: hpdl {h:.0f}/s, torch {t and round(t)}/s", flush=True)
+        except KeyboardInterrupt:
+            stopped = True
         labels = list(throughput)
-        grouped_bars(REPORTS / "gpu.png", labels,
-                     {impl: [median(throughput[lab][impl]) if throughput[lab].get(impl) else 0 for lab in labels]
-                      for impl in ("hpdl", "torch")}, "training samples/s", log=True, rotate=True)
+        if labels:
+            grouped_bars(REPORTS / "gpu.png", labels,
+                         {impl: [median(throughput[lab][impl]) if throughput[lab].get(impl) else 0 for lab in labels]
+                          for impl in ("hpdl", "torch")}, "training samples/s", log=True, rotate=True)
         data.update(samples_per_s=throughput, hpdl_host_share=host_shares, gemm_ceiling_tflops=ceiling,
                     train_matmul_flops_per_sample={m.name: train_flops(m) for m in models})
         sections.append(
@@ -377,7 +387,7 @@ def main() -> int:
             f"first layer's) over the whole step time. Device float32 peak: "
             + (f"{peak} TFLOP/s (datasheet table in benchmarks/gpu.py); " if peak
                else f"unknown ({device} is not in the table in benchmarks/gpu.py); ") +
-            f"one 8192^3 float32 cuBLAS product reaches {ceiling:.1f} TFLOP/s here. "
+            (f"one 8192^3 float32 cuBLAS product reaches {ceiling:.1f} TFLOP/s here. " if ceiling else "") +
             "Host share: the fraction of hpdl's step time the host spent queueing the steps; near 100% "
             "the GPU waits on Python's kernel launches (where CUDA graphs or batched kernels would pay), "
             "well below it the GPU's own work sets the pace."
@@ -385,8 +395,12 @@ def main() -> int:
             + markdown_table(["model", "batch", "hpdl samples/s", "PyTorch samples/s", "hpdl / PyTorch",
                               "hpdl TFLOP/s", "PyTorch TFLOP/s", "hpdl % of peak", "hpdl host share"], rows)
             + "\n\n![throughput](gpu.png)")
-    if not args.skip_kernels:
-        rows, kdata = bench_kernels(cp, args.kernel_calls, args.repeats)
+    if not args.skip_kernels and not stopped:
+        rows, kdata = [], {}
+        try:
+            bench_kernels(cp, args.kernel_calls, args.repeats, rows, kdata)
+        except KeyboardInterrupt:
+            stopped = True
         data["kernel_us"] = kdata
         sections.append(
             "## Fused kernels against the CuPy code they would replace\n\n"
@@ -397,8 +411,10 @@ def main() -> int:
             "tensor\", the same update kernel launched once per tensor of the model, which measures what "
             "batching a model's update into one launch saves.\n\n"
             + markdown_table(["kernel", "size", "fused us", "CuPy us", "speed-up"], rows))
+    if stopped:
+        sections.insert(0, "**Stopped early** (SIGTERM or Ctrl-C): the tables hold what was measured until then.")
     print(write_report("gpu", f"GPU: hpdl (CuPy) vs PyTorch eager on {device}", "\n\n".join(sections), data))
-    return 0
+    return 1 if stopped else 0
 
 
 if __name__ == "__main__":
