@@ -99,18 +99,19 @@ def check_launch(name: str, grid, block) -> None:
         raise ValueError(f"{name}: block {tuple(block)} has more than 1024 threads")
 
 
-def check_arguments(name: str, params: list[tuple[str, bool]], args) -> None:
-    """Raise TypeError unless `args` are what kernel `name`'s parameters take, one by one."""
+def check_arguments(name: str, params: list[tuple[str, bool]], args, device_array: type = np.ndarray) -> None:
+    """Raise TypeError unless `args` are what kernel `name`'s parameters take, one by one; a
+    pointer takes a `device_array` (CuPy refuses a host array)."""
     if len(args) != len(params):
         raise TypeError(f"{name} takes {len(params)} arguments, launched with {len(args)}")
     for k, ((ctype, pointer), a) in enumerate(zip(params, args)):
         if pointer:
             want = _POINTEES.get(ctype)
-            ok = isinstance(a, np.ndarray) and (want is None or a.dtype == want)
+            ok = isinstance(a, device_array) and (want is None or a.dtype == want)
         else:
             ok = type(a) is _SCALARS[ctype]
         if not ok:
-            got = f"an array of {a.dtype}" if isinstance(a, np.ndarray) else type(a).__name__
+            got = f"{type(a).__name__} of {a.dtype}" if isinstance(a, np.ndarray) else type(a).__name__
             raise TypeError(f"{name}: argument {k} is {ctype}{' *' if pointer else ''}, launched with {got}")
 
 
@@ -121,8 +122,8 @@ class _Dim(ctypes.Structure):
 class HostModule:
     """A cupy.RawModule stand-in whose kernels run on the CPU; `launches` counts them by name."""
 
-    def __init__(self, lib: ctypes.CDLL, code: str, launches: Counter):
-        self.lib, self.launches = lib, launches
+    def __init__(self, lib: ctypes.CDLL, code: str, launches: Counter, device_array: type = np.ndarray):
+        self.lib, self.launches, self.device_array = lib, launches, device_array
         self.cooperative = "__syncthreads" in code or "__shfl" in code
         self.signatures = signatures(code)
         self.dims = {name: _Dim.in_dll(lib, name) for name in ("blockIdx", "blockDim", "gridDim")}
@@ -136,7 +137,7 @@ class HostModule:
 
         def launch(grid, block, args):
             check_launch(name, grid, block)
-            check_arguments(name, params, args)
+            check_arguments(name, params, args, self.device_array)
             self.launches[name] += 1
             cargs = [ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else _CTYPES[type(a)](a)
                      for a in args]
@@ -174,8 +175,9 @@ def build(out: Path) -> dict[str, Path]:
     return {name: out / f"{name}.so" for name in HOST_FILES}
 
 
-def module_from_source(code: str, out: Path, launches: Counter) -> HostModule:
-    """A HostModule built from CUDA source text (what cupy.RawModule receives), for tests/fakegpu."""
+def module_from_source(code: str, out: Path, launches: Counter, device_array: type) -> HostModule:
+    """A HostModule built from CUDA source text (what cupy.RawModule receives), for tests/fakegpu,
+    whose kernels take only `device_array`s for pointers."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "shim.h").write_text(SHIM)
     name = hashlib.sha256(code.encode()).hexdigest()[:16]
@@ -183,7 +185,7 @@ def module_from_source(code: str, out: Path, launches: Counter) -> HostModule:
     _, stderr = _compile(out / f"{name}.cu", out / f"{name}.so", out / "shim.h").communicate()
     if stderr and not (out / f"{name}.so").exists():
         raise RuntimeError(f"g++ failed on a RawModule source:\n{stderr}")
-    return HostModule(ctypes.CDLL(str(out / f"{name}.so")), code, launches)
+    return HostModule(ctypes.CDLL(str(out / f"{name}.so")), code, launches, device_array)
 
 
 def patch(libraries: dict[str, Path]) -> tuple[pytest.MonkeyPatch, Counter]:

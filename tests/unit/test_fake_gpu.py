@@ -33,12 +33,29 @@ def fake_gpu_env() -> dict:
             "OPENBLAS_NUM_THREADS": "1"}
 
 
-def test_the_stand_in_has_only_the_names_cupy_has():
-    """`cupy.zeros` works on the stand-in and `cupy.fromregex` (NumPy has it, CuPy 14.2 does not)
-    does not exist, so a NumPy-only call in hpdl's GPU path fails here as it would on a GPU."""
-    proc = subprocess.run([sys.executable, "-c", "import cupy; cupy.zeros(2); print(hasattr(cupy, 'fromregex'))"],
-                          capture_output=True, text=True, timeout=60, env=fake_gpu_env())
-    assert proc.returncode == 0 and proc.stdout.split() == ["False"], proc.stderr[-3000:]
+REFUSALS = """
+import numpy as np, cupy, hpdl.kernels as k
+print(hasattr(cupy, "zeros"), hasattr(cupy, "fromregex"))
+relu = k.load("bias_act").get_function("relu_forward")
+y = cupy.zeros(4, dtype=cupy.float32)
+relu((1,), (32,), (cupy.ones(4, dtype=cupy.float32), y, np.uint64(4)))
+try:
+    relu((1,), (32,), (np.ones(4, np.float32), y, np.uint64(4)))
+except TypeError as e:
+    print("refused:", e)
+"""
+
+
+def test_the_stand_in_refuses_what_cupy_refuses():
+    """The stand-in has `cupy.zeros` but not `cupy.fromregex` (NumPy has it, CuPy 14.2 does not), and
+    its kernels take device arrays and refuse a host one: a NumPy-only call or a host array in
+    hpdl's GPU path fails here as it would on a GPU."""
+    proc = subprocess.run([sys.executable, "-c", REFUSALS], capture_output=True, text=True, timeout=120,
+                          env=fake_gpu_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "True False"
+    assert lines[1] == "refused: relu_forward: argument 0 is float *, launched with ndarray of float32"
 
 
 def train(device: str, args: list[str], ranks: int = 1, launches: Path | None = None, env: dict | None = None) -> dict:

@@ -323,7 +323,7 @@ def test_host_launches_refuse_what_a_gpu_would_misread_or_refuse(host_kernels):
     for bad, match in (((x, y, 5), "argument 2 is size_t, launched with int"),
                        ((x, y, np.int32(5)), "argument 2 is size_t, launched with int32"),
                        ((x.astype(np.float64), y, np.uint64(5)),
-                        r"argument 0 is float \*, launched with an array of float64"),
+                        r"argument 0 is float \*, launched with ndarray of float64"),
                        ((x, y), "takes 3 arguments, launched with 2")):
         with pytest.raises(TypeError, match=match):
             relu((1,), (32,), bad)

@@ -140,7 +140,7 @@ class RawModule:
         # Imported here: hostkernels imports hpdl.kernels, which imports this module through hpdl.backend.
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # tests/
         import hostkernels
-        self._module = hostkernels.module_from_source(code, _BUILD, launches)
+        self._module = hostkernels.module_from_source(code, _BUILD, launches, ndarray)
 
     def get_function(self, name: str):
         return self._module.get_function(name)
