@@ -1,6 +1,6 @@
 """Kernel launches per GPU training step, counted without a GPU on tests/fakegpu's stand-in for CuPy.
 
-    PYTHONPATH=tests/fakegpu python -m benchmarks.launches [--models mlp,cnn,resnet]
+    PYTHONPATH=tests/fakegpu python -m benchmarks.launches [--models mlp,mlp-gelu,cnn,resnet]
 
 Where Python launch overhead dominates a small model's GPU step, the number of launches is
 the cost to cut: each hpdl.kernels launch and each CuPy array operation (a ufunc, a
@@ -22,6 +22,13 @@ from hpdl.models import build_model
 
 BATCH = 32
 ALLOCATIONS = {"empty", "empty_like"}   # memory from CuPy's pool: no kernel launch, not counted
+VARIANTS = {"mlp-gelu": ("mlp", {"activation": "gelu"})}   # a builder's options under a name of their own
+
+
+def model_of(name: str):
+    """build_model(name), or the builder and options a VARIANTS name stands for."""
+    base, options = VARIANTS.get(name, (name, {}))
+    return build_model(base, **options)
 
 
 def count_step(cp, model_name: str) -> tuple[Counter, Counter]:
@@ -30,7 +37,7 @@ def count_step(cp, model_name: str) -> tuple[Counter, Counter]:
     from hpdl.optim import make_optimizer
     from hpdl.trainer import loss_and_grads
     ops: Counter = Counter()
-    model = build_model(model_name)
+    model = model_of(model_name)
     backend = Backend("gpu", "float32")
     params = model.init(0, xp=backend.xp, dtype=backend.dtype)
     opt = make_optimizer("sgd", model.layers, momentum=0.9)
@@ -101,7 +108,8 @@ class counting:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="mlp,cnn,resnet")
+    ap.add_argument("--models", default="mlp,mlp-gelu,cnn,resnet",
+                    help=f"models, or variants: {', '.join(f'{k} ({v[0]} {v[1]})' for k, v in VARIANTS.items())}")
     args = ap.parse_args()
     try:
         import cupy as cp
@@ -111,9 +119,11 @@ def main() -> int:
               "PYTHONPATH=tests/fakegpu", file=sys.stderr)
         return 2
     try:
-        names = [build_model(m).name for m in args.models.split(",")]
+        names = args.models.split(",")
+        for name in names:
+            model_of(name)
     except ValueError as e:
-        print(f"benchmarks.launches: {e}", file=sys.stderr)
+        print(f"benchmarks.launches: {e}, or a variant: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     rows, data = [], {}
     for name in names:
