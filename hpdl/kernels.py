@@ -111,13 +111,20 @@ def bias_relu_backward(y, dy, out=None):
     On the GPU one launch whenever y, dy (and out) share one dense layout, whatever its axis
     order: conv's batch-innermost activations as well as C-contiguous ones, with no copy.
     """
-    if y.shape != dy.shape:
-        raise ValueError(f"y {y.shape} and dy {dy.shape} differ")
-    if not _use_kernel(y, dy) or not _dense_alike(y, dy, *_given(out)):
-        return bias_relu_backward_ref(y, dy, out)
+    return _activation_backward(lambda: load("bias_act").get_function("bias_relu_backward"), bias_relu_backward_ref,
+                                y, dy, out)
+
+
+def _activation_backward(kernel, ref, a, dy, out):
+    """dx = dy * f'(.) from the forward's cached array `a` (y for ReLU, u for GELU): `kernel()`'s
+    one launch whenever a, dy (and out) share one dense layout, `ref` otherwise. `kernel` is a thunk:
+    loading it needs CuPy, which the reference path does without."""
+    if a.shape != dy.shape:
+        raise ValueError(f"the cached {a.shape} and dy {dy.shape} differ")
+    if not _use_kernel(a, dy) or not _dense_alike(a, dy, *_given(out)):
+        return ref(a, dy, out)
     dx = _empty_as(dy) if out is None else out
-    load("bias_act").get_function("bias_relu_backward")(
-        _grid_flat(dy.size), (ELEMENTWISE_BLOCK,), (y, dy, dx, np.uint64(dy.size)))
+    kernel()(_grid_flat(dy.size), (ELEMENTWISE_BLOCK,), (a, dy, dx, np.uint64(dy.size)))
     return dx
 
 
@@ -184,14 +191,8 @@ def bias_gelu_forward(x, b, out=None):
 def bias_gelu_backward(u, dy, out=None):
     """dx = dy * GELU'(u); out=dy computes it in place. On the GPU one launch whenever u, dy (and
     out) share one dense layout, as bias_relu_backward."""
-    if u.shape != dy.shape:
-        raise ValueError(f"u {u.shape} and dy {dy.shape} differ")
-    if not _use_kernel(u, dy) or not _dense_alike(u, dy, *_given(out)):
-        return bias_gelu_backward_ref(u, dy, out)
-    dx = _empty_as(dy) if out is None else out
-    load("bias_act").get_function("bias_gelu_backward")(
-        _grid_flat(dy.size), (ELEMENTWISE_BLOCK,), (u, dy, dx, np.uint64(dy.size)))
-    return dx
+    return _activation_backward(lambda: load("bias_act").get_function("bias_gelu_backward"), bias_gelu_backward_ref,
+                                u, dy, out)
 
 
 # ---- softmax cross-entropy -----------------------------------------------------------------
