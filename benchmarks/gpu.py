@@ -348,10 +348,11 @@ def main() -> int:
     sections, data = [], {"device": device, "fp32_peak_tflops": peak}
     if not args.skip_training:
         ceiling, rows, throughput, host_shares = None, [], {}, {}
+        flops_per_sample = {m.name: train_flops(m) for m in models}
         try:
             ceiling = gemm_tflops(cp)
             for model, batch in itertools.product(models, batch_sizes):
-                flops = train_flops(model)
+                flops = flops_per_sample[model.name]
                 batches = synthetic_batches(model, batch)
                 share: list[float] = []
                 runs = {"hpdl": hpdl_runner(model, batches, args.steps, share)}
@@ -379,7 +380,7 @@ def main() -> int:
                          {impl: [median(throughput[lab][impl]) if throughput[lab].get(impl) else 0 for lab in labels]
                           for impl in ("hpdl", "torch")}, "training samples/s", log=True, rotate=True)
         data.update(samples_per_s=throughput, hpdl_host_share=host_shares, gemm_ceiling_tflops=ceiling,
-                    train_matmul_flops_per_sample={m.name: train_flops(m) for m in models})
+                    train_matmul_flops_per_sample=flops_per_sample)
         sections.append(
             f"## Training throughput\n\nSGD momentum 0.9, float32 (TF32 off), synthetic MNIST-shaped batches, "
             f"median of {args.repeats} alternating repeats of {args.steps} steps after one warm-up repeat. "
