@@ -45,7 +45,7 @@ def opt(default: Any, help: str, choices: tuple | None = None, flag: bool = True
 class Config:
     # model and data
     model: str = opt("mlp", "architecture", ("mlp", "cnn", "resnet"))
-    model_options: dict = opt({}, "builder keyword arguments, e.g. {hidden: [512, 512]}",
+    model_options: dict = opt({}, "builder keyword arguments, e.g. {hidden: [512, 512], activation: gelu} (mlp)",
                               flag=False)
     data: str = opt("data/mnist.h5", "prepared HDF5 data set (python -m hpdl.data prepare mnist)")
     # optimization
@@ -122,10 +122,11 @@ def _fields():
 
 
 def build_parser(prog: str = "python -m hpdl.train") -> argparse.ArgumentParser:
+    yaml_only = "; ".join(f"{f.name}: {f.metadata['help']}" for f in _fields() if not f.metadata["flag"])
     p = argparse.ArgumentParser(
         prog=prog, description="Train a model with hpdl. Options come from --config (YAML), "
         "overridden by flags; every flag is also a YAML key (dashes become underscores).",
-)
+        epilog=f"YAML-only keys: {yaml_only}.")
     p.add_argument("--config", help="YAML file of options")
     defaults = Config()
     for f in _fields():
