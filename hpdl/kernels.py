@@ -128,15 +128,22 @@ def _activation_backward(kernel, ref, a, dy, out):
     return dx
 
 
+def _steps(a) -> tuple[int, ...]:
+    """a's strides along its axes of more than one element. The stride of a one-element axis is
+    never stepped along, and allocators set it as they please (a batch of one stored batch-innermost
+    has 4 there, the same values in C order the size of a sample), so layouts compare by these."""
+    return tuple(st for st, n in zip(a.strides, a.shape) if n != 1)
+
+
 def _dense_alike(*arrays) -> bool:
-    """Whether the arrays share shape, dtype and strides, and those strides cover their memory
-    without gaps or overlaps (C order or any permutation of it): an element-wise kernel may then
-    walk them as flat vectors from their first elements."""
+    """Whether the arrays share shape, dtype and layout (_steps), and that layout covers their
+    memory without gaps or overlaps (C order or any permutation of it): an element-wise kernel may
+    then walk them as flat vectors from their first elements."""
     first = arrays[0]
-    if any((a.shape, a.dtype, a.strides) != (first.shape, first.dtype, first.strides) for a in arrays):
+    if any((a.shape, a.dtype, _steps(a)) != (first.shape, first.dtype, _steps(first)) for a in arrays):
         return False
     expected = first.itemsize
-    for stride, size in sorted((st, n) for st, n in zip(first.strides, first.shape) if n != 1):
+    for stride, size in sorted(zip(_steps(first), (n for n in first.shape if n != 1))):
         if stride != expected:
             return False
         expected *= size
@@ -144,7 +151,7 @@ def _dense_alike(*arrays) -> bool:
 
 
 def _empty_as(x):
-    """An uninitialized array with x's shape, dtype and strides, x dense in some axis order
+    """An uninitialized array with x's shape, dtype and layout (_steps), x dense in some axis order
     (_dense_alike)."""
     order = sorted(range(x.ndim), key=lambda i: -x.strides[i])   # memory order, outermost first
     base = array_module(x).empty(tuple(x.shape[i] for i in order), dtype=x.dtype)
@@ -779,7 +786,7 @@ def batchnorm_backward(dy, xhat, rstd, gamma):
     if layout is None:
         xhat = cp.ascontiguousarray(xhat)
         layout = _channel_layout(xhat)
-    if dy.strides != xhat.strides:
+    if _steps(dy) != _steps(xhat):
         dy_in_layout = _empty_as(xhat)
         dy_in_layout[...] = dy
         dy = dy_in_layout

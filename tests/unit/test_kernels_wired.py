@@ -157,7 +157,8 @@ def test_synchronous_easgd_halves_launch_their_kernels(host_kernels):
 
 
 @pytest.mark.parametrize("layer,shape", [(LayerNorm(33), (6, 33)), (BatchNorm(4), (5, 4, 3, 3)),
-                                         (BatchNorm(6), (9, 6))], ids=["layernorm", "batchnorm2d", "batchnorm1d"])
+                                         (BatchNorm(4), (1, 4, 3, 3)), (BatchNorm(6), (9, 6))],
+                         ids=["layernorm", "batchnorm2d", "batchnorm2d-batch1", "batchnorm1d"])
 def test_norm_layers_run_their_kernels(host_kernels, layer, shape):
     """LayerNorm and training-mode BatchNorm run forward and backward as kernels, as accurate as
     NumPy float32 in every output, cache entry, gradient and running statistic."""
@@ -246,15 +247,17 @@ def test_a_training_step_runs_on_the_kernels(host_kernels):
             assert_as_accurate(p[k], p32[k], p64[k], f"layer {i} {k}")
 
 
-def test_relus_run_on_the_bias_relu_kernels(host_kernels):
+@pytest.mark.parametrize("batch", [5, 1])
+def test_relus_run_on_the_bias_relu_kernels(host_kernels, batch):
     """A Linear+ReLU pair's forward is one bias_relu_forward launch, and each ReLU's backward one
     bias_relu_backward launch, after a convolution (batch-innermost activations, no copy) as after a
-    Linear; outputs and gradients are bit-identical to the NumPy path's."""
+    Linear, for a batch of one too (any stride on its batch axis); outputs and gradients are bit-identical to the NumPy path's."""
     rng = np.random.default_rng(11)
     layers = [Conv2d(1, 3, 3, pad=1, winograd=False), ReLU(), MaxPool2d(2), Flatten(), Linear(3 * 3 * 3, 8), ReLU(),
               Linear(8, 4)]
     params = [layer.init(rng, np, np.float32) for layer in layers]
-    x, dy = rng.standard_normal((5, 1, 6, 6)).astype(np.float32), rng.standard_normal((5, 4)).astype(np.float32)
+    x = rng.standard_normal((batch, 1, 6, 6)).astype(np.float32)
+    dy = rng.standard_normal((batch, 4)).astype(np.float32)
 
     def run():
         y, caches = forward(layers, params, x)
@@ -272,15 +275,17 @@ def test_relus_run_on_the_bias_relu_kernels(host_kernels):
             np.testing.assert_array_equal(g[k], g_ref[k])
 
 
-def test_gelus_run_on_the_bias_gelu_kernels(host_kernels):
+@pytest.mark.parametrize("batch", [5, 1])
+def test_gelus_run_on_the_bias_gelu_kernels(host_kernels, batch):
     """A Linear+GELU pair's forward is one bias_gelu_forward launch, and each GELU's backward one
     bias_gelu_backward launch, after a convolution (batch-innermost activations, no copy) as after a
-    Linear; outputs and gradients are as accurate as the NumPy path's in float32 (tanhf, not NumPy's tanh)."""
+    Linear, for a batch of one too (any stride on its batch axis); outputs and gradients are as accurate as the NumPy path's in float32 (tanhf, not NumPy's tanh)."""
     rng = np.random.default_rng(12)
     layers = [Conv2d(1, 3, 3, pad=1, winograd=False), GELU(), MaxPool2d(2), Flatten(), Linear(3 * 3 * 3, 8), GELU(),
               Linear(8, 4)]
     params = [layer.init(rng, np, np.float32) for layer in layers]
-    x, dy = rng.standard_normal((5, 1, 6, 6)).astype(np.float32), rng.standard_normal((5, 4)).astype(np.float32)
+    x = rng.standard_normal((batch, 1, 6, 6)).astype(np.float32)
+    dy = rng.standard_normal((batch, 4)).astype(np.float32)
 
     def run(dtype):
         ps = [{k: v.astype(dtype) for k, v in p.items()} for p in params]
