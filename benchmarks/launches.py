@@ -31,7 +31,7 @@ def model_of(name: str):
     return build_model(base, **options)
 
 
-def count_step(cp, model_name: str) -> tuple[Counter, Counter]:
+def count_step(cp, model_name: str, batch: int = BATCH) -> tuple[Counter, Counter]:
     """(kernels, array operations) of the second of two training steps (the first builds state)."""
     from hpdl.backend import Backend
     from hpdl.optim import make_optimizer
@@ -42,8 +42,8 @@ def count_step(cp, model_name: str) -> tuple[Counter, Counter]:
     params = model.init(0, xp=backend.xp, dtype=backend.dtype)
     opt = make_optimizer("sgd", model.layers, momentum=0.9)
     opt.check_on_device()
-    x = backend.asarray(np.random.default_rng(0).standard_normal((BATCH, *model.in_shape)).astype(np.float32))
-    y = cp.asarray(np.arange(BATCH) % 10)
+    x = backend.asarray(np.random.default_rng(0).standard_normal((batch, *model.in_shape)).astype(np.float32))
+    y = cp.asarray(np.arange(batch) % 10)
     with counting(cp, ops):
         for step in range(2):
             ops.clear()

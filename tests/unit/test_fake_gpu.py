@@ -96,7 +96,15 @@ def test_one_process_gpu_run_uses_the_kernels_and_trains_as_the_cpu(tiny_h5, tmp
 
 
 COUNT = ("import json, sys, cupy, hpdl.kernels as k; k.MAX_GRID = 3; from benchmarks.launches import count_step; "
-         "print(json.dumps({m: [dict(c) for c in count_step(cupy, m)] for m in sys.argv[1:]}))")
+         "print(json.dumps({m: [dict(c) for c in count_step(cupy, m, int(sys.argv[1]))] for m in sys.argv[2:]}))")
+
+
+def count_steps(batch: int, *models: str) -> dict:
+    """{model: [kernels, array operations]} of one float32 GPU step at `batch`, on the stand-in."""
+    proc = subprocess.run([sys.executable, "-c", COUNT, str(batch), *models], capture_output=True, text=True,
+                          timeout=300, env=fake_gpu_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
 def test_a_gpu_step_takes_one_update_launch_and_no_winograd_products_or_layout_copies():
@@ -104,11 +112,10 @@ def test_a_gpu_step_takes_one_update_launch_and_no_winograd_products_or_layout_c
     hpdl kernels (fused Linear+ReLU, one batched update) and its 8 products; the cnn's wide
     convolution takes im2col on the GPU, so its step has 11 products, not Winograd's 16 per pass;
     neither the cnn nor the resnet copies an activation to another layout or falls back from a
-    kernel for want of one (the stand-in, like CuPy, writes a ufunc's result C-ordered)."""
-    proc = subprocess.run([sys.executable, "-c", COUNT, "mlp", "cnn", "resnet"], capture_output=True, text=True,
-                          timeout=300, env=fake_gpu_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    counts = json.loads(proc.stdout.splitlines()[-1])
+    kernel for want of one (the stand-in, like CuPy, writes a ufunc's result C-ordered); and a batch
+    of one, a pipeline's micro-batch of 1, whose batch axis may carry any stride, takes the same
+    launches as a batch of 32."""
+    counts = count_steps(32, "mlp", "cnn", "resnet")
     assert counts["mlp"][0] == {"bias_relu_forward": 2, "bias_relu_backward": 2, "softmax_xent": 1, "any_nonfinite": 1,
                                 "record_refusal": 1, "sgd_update": 1}
     assert counts["mlp"][1]["matmul"] == 8   # 3 Linear layers: 3 forward, 3 dW, 2 dx
@@ -117,6 +124,7 @@ def test_a_gpu_step_takes_one_update_launch_and_no_winograd_products_or_layout_c
         ops = counts[model][1]
         assert "ascontiguousarray (a copy)" not in ops and "greater" not in ops, (model, ops)
     assert counts["resnet"][1]["setitem (a copy or fill)"] == 1   # GlobalAvgPool's dx, nothing else
+    assert count_steps(1, "cnn", "resnet") == {m: counts[m] for m in ("cnn", "resnet")}
 
 
 needs_mpirun = pytest.mark.skipif(not MPIRUN.exists(), reason="mpirun (the mpich wheel) is not installed")
