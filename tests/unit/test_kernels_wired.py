@@ -251,7 +251,8 @@ def test_a_training_step_runs_on_the_kernels(host_kernels):
 def test_relus_run_on_the_bias_relu_kernels(host_kernels, batch):
     """A Linear+ReLU pair's forward is one bias_relu_forward launch, and each ReLU's backward one
     bias_relu_backward launch, after a convolution (batch-innermost activations, no copy) as after a
-    Linear, for a batch of one too (any stride on its batch axis); outputs and gradients are bit-identical to the NumPy path's."""
+    Linear, for a batch of one too (any stride on its batch axis); outputs and gradients are
+    bit-identical to the NumPy path's."""
     rng = np.random.default_rng(11)
     layers = [Conv2d(1, 3, 3, pad=1, winograd=False), ReLU(), MaxPool2d(2), Flatten(), Linear(3 * 3 * 3, 8), ReLU(),
               Linear(8, 4)]
@@ -279,7 +280,8 @@ def test_relus_run_on_the_bias_relu_kernels(host_kernels, batch):
 def test_gelus_run_on_the_bias_gelu_kernels(host_kernels, batch):
     """A Linear+GELU pair's forward is one bias_gelu_forward launch, and each GELU's backward one
     bias_gelu_backward launch, after a convolution (batch-innermost activations, no copy) as after a
-    Linear, for a batch of one too (any stride on its batch axis); outputs and gradients are as accurate as the NumPy path's in float32 (tanhf, not NumPy's tanh)."""
+    Linear, for a batch of one too (any stride on its batch axis); outputs and gradients are as
+    accurate as the NumPy path's in float32 (tanhf, not NumPy's tanh)."""
     rng = np.random.default_rng(12)
     layers = [Conv2d(1, 3, 3, pad=1, winograd=False), GELU(), MaxPool2d(2), Flatten(), Linear(3 * 3 * 3, 8), GELU(),
               Linear(8, 4)]
