@@ -59,8 +59,8 @@ test-gpu:
 	HPDL_DEVICE=gpu $(MPI_ENV) $(PY) -m pytest -q -p no:cacheprovider $(GPU_E2E)
 
 # Without a GPU: the gpu tests on tests/fakegpu's stand-in for CuPy, a check of the tests' own code
-# between GPU runs (about a minute). Skipped there, with the reason: what needs cuBLAS (fp16, TF32)
-# and the two largest norm parity cases (minutes on host threads); everything without g++.
+# between GPU runs (about half a minute). Skipped there, with the reason: what needs cuBLAS (fp16,
+# TF32); everything without g++.
 test-gpu-fake: $(VENV)/.installed
 	PYTHONPATH=tests/fakegpu $(MPI_ENV) $(PY) -m pytest -q -p fakegpu_plugin -m gpu -p no:cacheprovider --timeout 60 tests/gpu
 

@@ -4,8 +4,10 @@ The shim below compiles the .cu sources as C++ with the CUDA built-ins they use,
 hpdl.kernels' launchers (argument conversion, grid and block sizes) call them through a
 stand-in loader. Blocks run one after another, so __shared__ memory is a static array.
 Element-wise kernels run their threads one after another too; kernels that cooperate
-within a block (__syncthreads, warp shuffles) run each block's threads as OS threads
-meeting at pthread barriers, one barrier per block and one per warp. Every launch's
+within a block (__syncthreads, warp shuffles) run each block's threads as fibers on one OS
+thread, a fiber at a barrier (one per block, one per warp) yielding to the next. A launch is
+one call into the library: the kernel's arguments go as CUDA's kernelParams, a pointer to
+each value, to an entry point generated from the kernel's signature. Every launch's
 arguments are checked against the kernel's C parameters (count, scalar types, array dtypes),
 as a GPU would misread what the host's calling convention lets through, and its grid and
 block against CUDA's limits (an empty grid is an error there, not a launch of nothing).
@@ -19,12 +21,10 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import itertools
 import math
 import re
 import shutil
 import subprocess
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -36,11 +36,12 @@ from hpdl import kernels
 SHIM = r"""
 #include <cmath>
 #include <cstddef>
+#include <cstdlib>
 #include <cstring>
-#include <pthread.h>
+#include <csetjmp>
+#include <ucontext.h>
 struct Dim { unsigned x, y, z; };
-extern "C" { Dim blockIdx, blockDim, gridDim; }
-static thread_local Dim threadIdx;
+static Dim threadIdx, blockIdx, blockDim, gridDim;
 #define __global__
 #define __device__
 #define __shared__ static
@@ -51,21 +52,90 @@ static inline float __fmul_rn(float a, float b) { volatile float r = a * b; retu
 static inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
 static inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, sizeof f); return f; }
 static inline float __fsqrt_rn(float a) { volatile float r = std::sqrt(a); return r; }
-static pthread_barrier_t block_barrier, warp_barrier[32];
-static float lanes[1024];
-extern "C" void emu_block(unsigned threads) {  // threads: a multiple of 32, at most 1024
-    pthread_barrier_init(&block_barrier, nullptr, threads);
-    for (unsigned w = 0; w < threads / 32; ++w) pthread_barrier_init(&warp_barrier[w], nullptr, 32);
+
+// A cooperative block's threads are fibers on one OS thread: a thread waiting at a barrier yields
+// to the scheduler, which resumes the block's threads in turn until all have finished. A fiber
+// starts on its own stack through makecontext; after that, switches are _setjmp/_longjmp, which
+// (unlike swapcontext) make no system call to save the signal mask.
+typedef void (*EmuBody)(void **args);
+static EmuBody emu_body;
+static void **emu_args;
+static ucontext_t emu_start[1024];
+static jmp_buf emu_scheduler, emu_fiber[1024];
+static bool emu_started[1024], emu_finished[1024];
+static unsigned long emu_progress;  // arrivals at barriers and finished threads: a pass without any is a deadlock
+static char *emu_stacks;
+static const size_t EMU_STACK = 1 << 16;
+struct EmuBarrier { unsigned arrived, generation; };
+static EmuBarrier block_barrier, warp_barrier[32];
+static void emu_wait(EmuBarrier &b, unsigned count) {
+    const unsigned generation = b.generation;
+    ++emu_progress;
+    if (++b.arrived == count) { b.arrived = 0; ++b.generation; return; }
+    const unsigned t = threadIdx.x;
+    while (b.generation == generation)
+        if (!_setjmp(emu_fiber[t])) _longjmp(emu_scheduler, 1);
 }
-extern "C" void emu_thread(unsigned x) { threadIdx = {x, 0, 0}; }
-static inline void __syncthreads() { pthread_barrier_wait(&block_barrier); }
+static inline void __syncthreads() { emu_wait(block_barrier, blockDim.x); }
+static float lanes[1024];
 static inline float __shfl_xor_sync(unsigned, float v, int offset) {
     const unsigned t = threadIdx.x;
     lanes[t] = v;
-    pthread_barrier_wait(&warp_barrier[t / 32]);
+    emu_wait(warp_barrier[t / 32], 32);
     const float r = lanes[t ^ offset];
-    pthread_barrier_wait(&warp_barrier[t / 32]);
+    emu_wait(warp_barrier[t / 32], 32);
     return r;
+}
+static void emu_thread_main(unsigned t) {
+    emu_body(emu_args);
+    emu_finished[t] = true;
+    ++emu_progress;
+    _longjmp(emu_scheduler, 1);
+}
+// false where the block's threads wait at a barrier that the others never reach (undefined in CUDA)
+static bool emu_cooperative_block(unsigned threads) {  // threads: a multiple of 32, at most 1024
+    if (!emu_stacks) emu_stacks = static_cast<char *>(std::malloc(EMU_STACK * 1024));
+    block_barrier = {};
+    for (unsigned w = 0; w < 32; ++w) warp_barrier[w] = {};
+    for (unsigned t = 0; t < threads; ++t) {
+        getcontext(&emu_start[t]);
+        emu_start[t].uc_stack = {emu_stacks + t * EMU_STACK, 0, EMU_STACK};
+        emu_start[t].uc_link = nullptr;
+        makecontext(&emu_start[t], reinterpret_cast<void (*)()>(emu_thread_main), 1, t);
+        emu_started[t] = emu_finished[t] = false;
+    }
+    ucontext_t here;
+    for (unsigned live = threads; live > 0;) {
+        const unsigned long before = emu_progress;
+        live = 0;
+        for (unsigned t = 0; t < threads; ++t) {
+            if (emu_finished[t]) continue;
+            threadIdx = {t, 0, 0};
+            if (!_setjmp(emu_scheduler)) {
+                if (emu_started[t]) _longjmp(emu_fiber[t], 1);
+                emu_started[t] = true;
+                swapcontext(&here, &emu_start[t]);
+            }
+            live += !emu_finished[t];
+        }
+        if (live > 0 && emu_progress == before) return false;
+    }
+    return true;
+}
+// One launch: every block in turn, each running its threads one after another, or as fibers.
+static int emu_launch(EmuBody body, void **args, unsigned gx, unsigned gy, unsigned bx, int cooperative) {
+    emu_body = body, emu_args = args;
+    gridDim = {gx, gy, 1}, blockDim = {bx, 1, 1};
+    for (unsigned by = 0; by < gy; ++by)
+        for (unsigned b = 0; b < gx; ++b) {
+            blockIdx = {b, by, 0};
+            if (cooperative) {
+                if (!emu_cooperative_block(bx)) return 1;
+                continue;
+            }
+            for (unsigned t = 0; t < bx; ++t) { threadIdx = {t, 0, 0}; body(args); }
+        }
+    return 0;
 }
 """
 HOST_FILES = ("bias_act", "optim_update", "im2col", "norm", "sum_squares", "softmax_xent", "finite", "maxpool")
@@ -115,8 +185,14 @@ def check_arguments(name: str, params: list[tuple[str, bool]], args, device_arra
             raise TypeError(f"{name}: argument {k} is {ctype}{' *' if pointer else ''}, launched with {got}")
 
 
-class _Dim(ctypes.Structure):
-    _fields_ = [("x", ctypes.c_uint), ("y", ctypes.c_uint), ("z", ctypes.c_uint)]
+def entry_points(code: str) -> str:
+    """C++ to append to a kernel source: for each kernel, `emu_launch_<name>(args, gx, gy, bx,
+    cooperative)`, where args holds a pointer to each argument's value, as CUDA's kernelParams."""
+    def entry(name: str, params: list[tuple[str, bool]]) -> str:
+        unpack = ", ".join(f"*({ctype}{' *' if pointer else ''} *)a[{k}]" for k, (ctype, pointer) in enumerate(params))
+        return (f'extern "C" int emu_launch_{name}(void **args, unsigned gx, unsigned gy, unsigned bx, int coop) '
+                f'{{ return emu_launch([](void **a) {{ {name}({unpack}); }}, args, gx, gy, bx, coop); }}')
+    return "\n".join(entry(name, params) for name, params in signatures(code).items()) + "\n"
 
 
 class HostModule:
@@ -126,49 +202,38 @@ class HostModule:
         self.lib, self.launches, self.device_array = lib, launches, device_array
         self.cooperative = "__syncthreads" in code or "__shfl" in code
         self.signatures = signatures(code)
-        self.dims = {name: _Dim.in_dll(lib, name) for name in ("blockIdx", "blockDim", "gridDim")}
 
     def get_function(self, name: str):
-        fn, params = getattr(self.lib, name), self.signatures[name]
-
-        def thread(tx: int, cargs) -> None:
-            self.lib.emu_thread(tx)
-            fn(*cargs)
+        fn, params = getattr(self.lib, f"emu_launch_{name}"), self.signatures[name]
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
 
         def launch(grid, block, args):
             check_launch(name, grid, block)
             check_arguments(name, params, args, self.device_array)
             self.launches[name] += 1
-            cargs = [ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else _CTYPES[type(a)](a)
-                     for a in args]
-            (gx, gy), bx = (tuple(grid) + (1,))[:2], block[0]
-            self.dims["gridDim"].x, self.dims["gridDim"].y, self.dims["blockDim"].x = gx, gy, bx
-            for by_, bx_ in itertools.product(range(gy), range(gx)):
-                self.dims["blockIdx"].x, self.dims["blockIdx"].y = bx_, by_
-                if not self.cooperative:
-                    for tx in range(bx):
-                        thread(tx, cargs)
-                    continue
-                self.lib.emu_block(bx)
-                threads = [threading.Thread(target=thread, args=(tx, cargs)) for tx in range(bx)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+            values = [ctypes.c_void_p(a.ctypes.data) if isinstance(a, np.ndarray) else _CTYPES[type(a)](a)
+                      for a in args]
+            kernel_params = (ctypes.c_void_p * len(values))(*map(ctypes.addressof, values))
+            gx, gy = (tuple(grid) + (1,))[:2]
+            if fn(kernel_params, gx, gy, block[0], self.cooperative):
+                raise RuntimeError(f"{name}: some threads of a block wait at a barrier the others never reach")
         return launch
 
 
-def _compile(source: Path, target: Path, shim: Path) -> subprocess.Popen:
-    return subprocess.Popen([CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
-                             "-include", str(shim), "-x", "c++", str(source), "-o", str(target)],
+def _compile(code: str, out: Path, name: str) -> subprocess.Popen:
+    """g++ building `code` and its entry points into out/name.so, out/shim.h included first."""
+    (out / f"{name}.cu").write_text(code + entry_points(code))
+    # -U_FORTIFY_SOURCE: a fortified longjmp aborts on a jump to a lower stack, as onto a fiber's.
+    return subprocess.Popen([CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-U_FORTIFY_SOURCE",
+                             "-include", str(out / "shim.h"), "-x", "c++", str(out / f"{name}.cu"),
+                             "-o", str(out / f"{name}.so")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def build(out: Path) -> dict[str, Path]:
     """Compile every HOST_FILES source into a shared library under `out` (in parallel)."""
     (out / "shim.h").write_text(SHIM)
-    procs = {name: _compile(kernels.KERNEL_DIR / f"{name}.cu", out / f"{name}.so", out / "shim.h")
-             for name in HOST_FILES}
+    procs = {name: _compile((kernels.KERNEL_DIR / f"{name}.cu").read_text(), out, name) for name in HOST_FILES}
     for name, proc in procs.items():
         _, stderr = proc.communicate()
         assert proc.returncode == 0, f"g++ failed on {name}.cu:\n{stderr}"
@@ -181,8 +246,7 @@ def module_from_source(code: str, out: Path, launches: Counter, device_array: ty
     out.mkdir(parents=True, exist_ok=True)
     (out / "shim.h").write_text(SHIM)
     name = hashlib.sha256(code.encode()).hexdigest()[:16]
-    (out / f"{name}.cu").write_text(code)
-    _, stderr = _compile(out / f"{name}.cu", out / f"{name}.so", out / "shim.h").communicate()
+    _, stderr = _compile(code, out, name).communicate()
     if stderr and not (out / f"{name}.so").exists():
         raise RuntimeError(f"g++ failed on a RawModule source:\n{stderr}")
     return HostModule(ctypes.CDLL(str(out / f"{name}.so")), code, launches, device_array)

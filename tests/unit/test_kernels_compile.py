@@ -8,10 +8,12 @@ import os
 import re
 import shutil
 import subprocess
+from collections import Counter
 
 import numpy as np
 import pytest
 
+import hostkernels
 import nvrtc
 from accuracy import assert_as_accurate
 from layouts import expected_layout, stored
@@ -332,6 +334,35 @@ def test_host_launches_refuse_what_a_gpu_would_misread_or_refuse(host_kernels):
             relu(grid, block, (x, y, np.uint64(5)))
     relu((1,), (32,), (x, y, np.uint64(5)))
     np.testing.assert_array_equal(y, [0, 0, 0, 1, 2])
+
+
+BARRIERS = r"""
+extern "C" __global__ void reverse(const float* x, float* y, int wait) {
+    __shared__ float s[1024];
+    s[threadIdx.x] = x[threadIdx.x];
+    if (wait) __syncthreads();
+    y[threadIdx.x] = s[blockDim.x - 1 - threadIdx.x];
+}
+extern "C" __global__ void diverge(float* y) {
+    if (threadIdx.x < 32) __syncthreads();
+    y[threadIdx.x] = 1.0f;
+}
+"""
+
+
+def test_host_blocks_keep_barriers_and_report_a_divergent_one(tmp_path):
+    """On the host, a block's threads meet at __syncthreads: a reversal through shared memory is
+    right with the barrier and wrong without it (a thread would read slots not yet written); a
+    barrier that only some threads reach raises instead of hanging."""
+    if hostkernels.CXX is None:
+        pytest.skip("g++ not on PATH")
+    module = hostkernels.module_from_source(BARRIERS, tmp_path, Counter(), np.ndarray)
+    for wait in (1, 0):
+        x, y = np.arange(256, dtype=np.float32) + 1000 * wait, np.empty(256, np.float32)
+        module.get_function("reverse")((1,), (256,), (x, y, np.int32(wait)))
+        assert np.array_equal(y, x[::-1]) == bool(wait)
+    with pytest.raises(RuntimeError, match="diverge: some threads of a block wait at a barrier"):
+        module.get_function("diverge")((1,), (64,), (np.zeros(64, np.float32),))
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (5, 10), (2, 7, 33), (4, 1100)])
