@@ -129,9 +129,9 @@ def _activation_backward(kernel, ref, a, dy, out):
 
 
 def _steps(a) -> tuple[int, ...]:
-    """a's strides along its axes of more than one element. The stride of a one-element axis is
-    never stepped along, and allocators set it as they please (a batch of one stored batch-innermost
-    has 4 there, the same values in C order the size of a sample), so layouts compare by these."""
+    """a's strides along its axes of more than one element, by which layouts compare: nothing
+    steps along a one-element axis, so its stride is arbitrary (a batch of one has a float's 4
+    bytes there when stored batch-innermost, a whole sample's bytes when C-ordered)."""
     return tuple(st for st, n in zip(a.strides, a.shape) if n != 1)
 
 
