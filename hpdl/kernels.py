@@ -744,6 +744,15 @@ def _channel_layout(x) -> tuple[int, int, int] | None:
     return None
 
 
+def _in_channel_layout(x):
+    """(x, its _channel_layout): x itself where the kernels walk its layout, else a C-ordered copy."""
+    layout = _channel_layout(x)
+    if layout is None:
+        x = array_module(x).ascontiguousarray(x)
+        layout = _channel_layout(x)
+    return x, layout
+
+
 def batchnorm_forward(x, gamma, beta, running_mean, running_var, eps: float = 1e-5,
                       momentum: float = 0.1):
     """batchnorm_forward_ref, one block per channel on the GPU; y and xhat in x's layout when
@@ -755,10 +764,7 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, eps: float = 1e
     _written(running_mean, running_var)
     cp = array_module(x)
     gamma, beta = cp.ascontiguousarray(gamma), cp.ascontiguousarray(beta)
-    layout = _channel_layout(x)
-    if layout is None:
-        x = cp.ascontiguousarray(x)
-        layout = _channel_layout(x)
+    x, layout = _in_channel_layout(x)
     N, C, S = _nc_s(x)
     count = N * S
     y, xhat = _empty_as(x), _empty_as(x)
@@ -782,10 +788,7 @@ def batchnorm_backward(dy, xhat, rstd, gamma):
         return batchnorm_backward_ref(dy, xhat, rstd, gamma)
     cp = array_module(dy)
     rstd, gamma = cp.ascontiguousarray(rstd), cp.ascontiguousarray(gamma)
-    layout = _channel_layout(xhat)
-    if layout is None:
-        xhat = cp.ascontiguousarray(xhat)
-        layout = _channel_layout(xhat)
+    xhat, layout = _in_channel_layout(xhat)
     if _steps(dy) != _steps(xhat):
         dy_in_layout = _empty_as(xhat)
         dy_in_layout[...] = dy

@@ -247,18 +247,24 @@ def test_a_training_step_runs_on_the_kernels(host_kernels):
             assert_as_accurate(p[k], p32[k], p64[k], f"layer {i} {k}")
 
 
+def _conv_linear_net(activation: type, seed: int, batch: int):
+    """A convolution and a Linear, each followed by `activation`, with float32 parameters, an input
+    batch and an output gradient: an activation after each kind of layer's output layout."""
+    rng = np.random.default_rng(seed)
+    layers = [Conv2d(1, 3, 3, pad=1, winograd=False), activation(), MaxPool2d(2), Flatten(), Linear(3 * 3 * 3, 8),
+              activation(), Linear(8, 4)]
+    params = [layer.init(rng, np, np.float32) for layer in layers]
+    x = rng.standard_normal((batch, 1, 6, 6)).astype(np.float32)
+    return layers, params, x, rng.standard_normal((batch, 4)).astype(np.float32)
+
+
 @pytest.mark.parametrize("batch", [5, 1])
 def test_relus_run_on_the_bias_relu_kernels(host_kernels, batch):
     """A Linear+ReLU pair's forward is one bias_relu_forward launch, and each ReLU's backward one
     bias_relu_backward launch, after a convolution (batch-innermost activations, no copy) as after a
     Linear, for a batch of one too (any stride on its batch axis); outputs and gradients are
     bit-identical to the NumPy path's."""
-    rng = np.random.default_rng(11)
-    layers = [Conv2d(1, 3, 3, pad=1, winograd=False), ReLU(), MaxPool2d(2), Flatten(), Linear(3 * 3 * 3, 8), ReLU(),
-              Linear(8, 4)]
-    params = [layer.init(rng, np, np.float32) for layer in layers]
-    x = rng.standard_normal((batch, 1, 6, 6)).astype(np.float32)
-    dy = rng.standard_normal((batch, 4)).astype(np.float32)
+    layers, params, x, dy = _conv_linear_net(ReLU, 11, batch)
 
     def run():
         y, caches = forward(layers, params, x)
@@ -282,12 +288,7 @@ def test_gelus_run_on_the_bias_gelu_kernels(host_kernels, batch):
     bias_gelu_backward launch, after a convolution (batch-innermost activations, no copy) as after a
     Linear, for a batch of one too (any stride on its batch axis); outputs and gradients are as
     accurate as the NumPy path's in float32 (tanhf, not NumPy's tanh)."""
-    rng = np.random.default_rng(12)
-    layers = [Conv2d(1, 3, 3, pad=1, winograd=False), GELU(), MaxPool2d(2), Flatten(), Linear(3 * 3 * 3, 8), GELU(),
-              Linear(8, 4)]
-    params = [layer.init(rng, np, np.float32) for layer in layers]
-    x = rng.standard_normal((batch, 1, 6, 6)).astype(np.float32)
-    dy = rng.standard_normal((batch, 4)).astype(np.float32)
+    layers, params, x, dy = _conv_linear_net(GELU, 12, batch)
 
     def run(dtype):
         ps = [{k: v.astype(dtype) for k, v in p.items()} for p in params]
